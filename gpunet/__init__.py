@@ -1,0 +1,15 @@
+"""gpunet: a small training framework on NumPy and CuPy, with exact, tested softmax derivatives.
+
+    import gpunet as gn
+    model = gn.mlp([784, 256, 10])
+    opt = gn.SGD(model.parameters(), lr=0.1, momentum=0.9)
+"""
+
+from . import functional, layers, losses, optim
+from .backend import (Device, DeviceError, get_array_module, get_device, manual_seed, to_device,
+                      to_numpy)
+from .layers import Dense, Module, Parameter, ReLU, Sequential, Sigmoid, Softmax, Tanh, mlp
+from .losses import CrossEntropy, MSELoss, SoftmaxCrossEntropy
+from .optim import SGD, Adam, AdamW
+
+__version__ = "0.1.0"

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real MNIST files when present, and skipping of GPU tests where no GPU is."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpunet import backend
+
+PROJECT = Path(__file__).resolve().parents[1]
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def pytest_collection_modifyitems(config, items):
+    problem = backend.cuda_problem()
+    if problem is None:
+        return
+    skip = pytest.mark.skip(reason=f"no usable CUDA GPU: {problem}")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+def _find_mnist() -> Path | None:
+    candidates = [os.environ.get("GPUNET_DATA"), PROJECT.parent / "shared" / "data" / "mnist",
+                  PROJECT / "data"]
+    for c in candidates:
+        if c and all((Path(c) / f).exists() or (Path(c) / f[:-3]).exists() for f in MNIST_FILES):
+            return Path(c)
+    return None
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The folder holding the real MNIST files (GPUNET_DATA, ../shared/data/mnist or data/)."""
+    found = _find_mnist()
+    if found is None:
+        pytest.skip("real MNIST files not found: set GPUNET_DATA or place them in ../shared/data/mnist")
+    return found
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request):
+    """Runs a test once on the CPU and once on the GPU (the GPU run is marked cuda)."""
+    return backend.get_device(request.param)
+
+
+@pytest.fixture
+def on(device):
+    """Moves numpy test inputs to the test's device: ``on(x)``."""
+    return lambda a: backend.to_device(a, device)

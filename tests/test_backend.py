@@ -1,0 +1,119 @@
+"""gpunet.backend: device names, the array-module shim, moving arrays, seeding."""
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from gpunet import backend
+
+
+def test_import_does_not_load_cupy():
+    code = "import sys, gpunet, gpunet.layers, gpunet.losses, gpunet.optim; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_device_names():
+    assert backend.get_device("cpu") == backend.CPU
+    assert str(backend.get_device(" CPU ")) == "cpu"
+    assert backend.get_device(backend.CPU) is backend.CPU
+    for bad in ("gpu", "cuda:x", "cuda:-1", ""):
+        with pytest.raises(ValueError, match="device must be"):
+            backend.get_device(bad)
+    with pytest.raises(TypeError, match="device must be a str"):
+        backend.get_device(0)
+
+
+def test_auto_says_which_device_it_chose():
+    device = backend.get_device("auto")
+    assert device.reason.startswith("auto: ")
+    if backend.cuda_problem() is None:
+        assert device.type == "cuda"
+    else:
+        assert device.type == "cpu" and backend.cuda_problem() in device.reason
+
+
+def test_cuda_without_gpu_is_an_error_not_a_fallback():
+    if backend.cuda_problem() is None:
+        pytest.skip("a GPU is usable here")
+    with pytest.raises(backend.DeviceError, match="cannot be used: .*(install|check)"):
+        backend.get_device("cuda:0")
+
+
+def test_diagnosis_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    assert "pip install -e \".[cuda12]\"" in backend._diagnose_cuda()
+
+
+def fake_cupy(monkeypatch, **runtime):
+    """A stand-in cupy module whose CUDA runtime answers as told."""
+    def call(value):
+        def f(*args):
+            if isinstance(value, Exception):
+                raise value
+            return value
+        return f
+    rt = types.SimpleNamespace(**{k: call(v) for k, v in runtime.items()})
+    nvrtc = types.SimpleNamespace(getVersion=call(runtime.pop("nvrtc", (12, 4))))
+    module = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt, nvrtc=nvrtc),
+                                   ndarray=type("ndarray", (), {}))
+    monkeypatch.setitem(sys.modules, "cupy", module)
+    return module
+
+
+@pytest.mark.parametrize("runtime,expected", [
+    (dict(getDeviceCount=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")),
+     "no CUDA GPU is visible; check nvidia-smi"),
+    (dict(getDeviceCount=0), "no CUDA GPU is visible"),
+    (dict(getDeviceCount=RuntimeError("cudaErrorInsufficientDriver")), "driver is too old"),
+    (dict(getDeviceCount=1, driverGetVersion=11080, runtimeGetVersion=12040),
+     "driver supports CUDA 11.8 but CuPy was built for CUDA 12.4"),
+    (dict(getDeviceCount=1, driverGetVersion=12040, runtimeGetVersion=12040,
+          nvrtc=OSError("libnvrtc.so.12: cannot open shared object file")), "NVRTC"),
+    (dict(getDeviceCount=1, driverGetVersion=12040, runtimeGetVersion=12040), None),
+])
+def test_diagnosis_of_each_cuda_problem(monkeypatch, runtime, expected):
+    fake_cupy(monkeypatch, **runtime)
+    problem = backend._diagnose_cuda()
+    assert problem == expected if expected is None else expected in problem
+
+
+def test_mixing_numpy_and_cupy_is_an_error(monkeypatch):
+    cupy = fake_cupy(monkeypatch, getDeviceCount=0)
+    a, b = np.zeros(3), cupy.ndarray()
+    assert backend.get_array_module(b) is cupy
+    assert backend.get_array_module(a, 1.0, None) is np
+    with pytest.raises(TypeError, match="numpy and cupy arrays mixed in one call"):
+        backend.get_array_module(a, b)
+
+
+def test_to_numpy_and_to_device_on_cpu():
+    x = np.arange(3.0)
+    assert backend.to_device(x, "cpu") is x
+    assert backend.to_numpy([1, 2]).tolist() == [1, 2]
+    assert backend.device_of(x) == backend.CPU
+
+
+@pytest.mark.cuda
+def test_round_trip_through_the_gpu(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    on_gpu = backend.to_device(x, "cuda")
+    assert backend.device_of(on_gpu).type == "cuda"
+    assert backend.get_array_module(on_gpu) is not np
+    np.testing.assert_array_equal(backend.to_numpy(on_gpu), x)
+    with pytest.raises(TypeError, match="mixed"):
+        backend.get_array_module(on_gpu, x)
+    assert "cuda:0" in backend.get_device("cuda").describe()
+
+
+def test_manual_seed_makes_initialisation_repeatable():
+    from gpunet.layers import Dense
+    backend.manual_seed(5)
+    a = Dense(4, 3).weight.data.copy()
+    backend.manual_seed(5)
+    np.testing.assert_array_equal(Dense(4, 3).weight.data, a)
+    with pytest.raises(ValueError, match="seed must be a non-negative int"):
+        backend.manual_seed(-1)
