@@ -1,0 +1,379 @@
+"""Pure functions: softmax, its derivatives, and the fused softmax-cross-entropy.
+
+Every function takes numpy or cupy arrays and returns arrays of the same library, in the input's
+float dtype. Reductions accumulate in float32 at least (float64 stays float64), so float16 and
+bfloat16 inputs lose no more than their final rounding.
+
+The derivative of ``s = softmax(x)`` is the Jacobian ``J = diag(s) - s sᵀ``. Backprop never needs
+J itself, only the vector-Jacobian product with the upstream gradient ``g``::
+
+    gᵀJ = s * (g - sum(s * g))          (softmax_vjp, O(C) instead of O(C²))
+
+The common mistake is to use only J's diagonal, ``s * (1 - s) * g``; it drops the ``-s_i s_j``
+terms and fails the gradient check (tests/test_functional.py shows it). Softmax followed by
+cross-entropy collapses further: d(mean CE)/dx = (s - onehot(t)) / N, which
+:func:`softmax_cross_entropy_grad` computes in one fused pass.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .backend import get_array_module, is_cuda_array
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# --- dtype helpers -------------------------------------------------------------------------------
+
+def is_float_dtype(dtype) -> bool:
+    """True for float16/32/64 and bfloat16 (ml_dtypes), the dtypes gpunet computes in."""
+    dtype = np.dtype(dtype)
+    return dtype.kind == "f" or dtype.name == "bfloat16"
+
+
+def accumulation_dtype(dtype):
+    """float64 for float64 inputs, float32 for everything narrower."""
+    return np.float64 if np.dtype(dtype) == np.float64 else np.float32
+
+
+def _float_array(x, name: str):
+    if not hasattr(x, "dtype"):  # lists and scalars: numbers become float64, like np.exp would
+        x = np.asarray(x)
+        if x.dtype.kind in "iu":
+            x = x.astype(np.float64)
+    if not is_float_dtype(x.dtype):
+        raise TypeError(f"{name} must be a floating-point array, got dtype {x.dtype}")
+    return x
+
+
+# --- softmax and friends -------------------------------------------------------------------------
+
+def logsumexp(x, axis: int = -1, keepdims: bool = False):
+    """log(sum(exp(x))) along ``axis``, stable for any finite logits and for ``-inf`` entries.
+
+    The row maximum is subtracted before ``exp`` so nothing overflows; a row of all ``-inf``
+    gives ``-inf`` (the log of an empty sum), a row holding ``+inf`` gives ``+inf``.
+    """
+    x = _float_array(x, "x")
+    xp = get_array_module(x)
+    xa = x.astype(accumulation_dtype(x.dtype), copy=False)
+    if xa.shape[axis] == 0:
+        out = xp.full(xa.sum(axis=axis, keepdims=True).shape, -np.inf, dtype=xa.dtype)
+    else:
+        m = _finite_max(xp, xa, axis)
+        with np.errstate(divide="ignore"):  # log(0) = -inf for all -inf rows is the right answer
+            out = xp.log(xp.exp(xa - m).sum(axis=axis, keepdims=True)) + m
+    if not keepdims:
+        out = out.squeeze(axis=axis)
+    return out.astype(x.dtype, copy=False)
+
+
+def softmax(x, axis: int = -1):
+    """exp(x) / sum(exp(x)) along ``axis``, computed as exp(x - max) so it never overflows.
+
+    Finite for logits like ±1e4; ``-inf`` entries get probability 0. A row of all ``-inf`` has no
+    defined softmax and gives NaN, as in PyTorch.
+    """
+    x = _float_array(x, "x")
+    xp = get_array_module(x)
+    xa = x.astype(accumulation_dtype(x.dtype), copy=False)
+    if xa.size == 0:
+        return xp.empty_like(x)
+    e = xp.exp(xa - _finite_max(xp, xa, axis))
+    with np.errstate(invalid="ignore"):  # 0/0 only for all -inf rows: NaN is the answer
+        e /= e.sum(axis=axis, keepdims=True)
+    return e.astype(x.dtype, copy=False)
+
+
+def log_softmax(x, axis: int = -1):
+    """x - logsumexp(x): the log of softmax without ever forming a probability that underflows."""
+    x = _float_array(x, "x")
+    xa = x.astype(accumulation_dtype(x.dtype), copy=False)
+    with np.errstate(invalid="ignore"):  # -inf - -inf: an all -inf row has no log-softmax
+        return (xa - logsumexp(xa, axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+
+
+def _finite_max(xp, x, axis):
+    # A row max of ±inf would turn x - max into nan; shifting by 0 instead keeps the exact answer.
+    m = x.max(axis=axis, keepdims=True)
+    return xp.where(xp.isfinite(m), m, 0)
+
+
+def softmax_jacobian(s):
+    """The Jacobian ``diag(s) - s sᵀ`` of softmax at output ``s``: (C,) -> (C, C), (N, C) -> (N, C, C).
+
+    For teaching and tests; backprop uses :func:`softmax_vjp`, which never builds the C×C matrix.
+    """
+    s = _float_array(s, "s")
+    if s.ndim not in (1, 2):
+        raise ValueError(f"s must be a softmax output of shape (C,) or (N, C), got shape {s.shape}")
+    xp = get_array_module(s)
+    eye = xp.eye(s.shape[-1], dtype=s.dtype)
+    # J_ij = s_i (δ_ij - s_j)
+    return s[..., :, None] * (eye - s[..., None, :])
+
+
+def softmax_vjp(s, g, axis: int = -1):
+    """gᵀJ for softmax output ``s`` and upstream gradient ``g``: ``s * (g - sum(s * g))``.
+
+    This is the exact backward of softmax for any upstream gradient, so softmax composes with any
+    loss. It is the one home of this formula: the Softmax layer's backward calls it.
+    """
+    s, g = _float_array(s, "s"), _float_array(g, "g")
+    get_array_module(s, g)
+    if s.shape != g.shape:
+        raise ValueError(f"g must have the shape of s {s.shape}, got {g.shape}")
+    return s * (g - (s * g).sum(axis=axis, keepdims=True))
+
+
+def softmax_jvp(s, v, axis: int = -1):
+    """J v for softmax output ``s`` and tangent ``v``.
+
+    J = diag(s) - s sᵀ is symmetric, so J v = vᵀ J and the formula is :func:`softmax_vjp`'s.
+    """
+    return softmax_vjp(s, v, axis=axis)
+
+
+# --- softmax cross-entropy -----------------------------------------------------------------------
+#
+# With class-index targets t, label smoothing ε and class weights w (PyTorch's F.cross_entropy):
+#
+#     loss_i = sum_c a_ic (lse_i - x_ic),   a_ic = (1-ε) w_t [c = t_i] + (ε/C) w_c
+#
+# and 0 for rows whose target is ignore_index. "mean" divides the sum by the summed weights
+# w_t of the non-ignored rows; where that is 0 (every row ignored, or an empty batch) gpunet
+# defines the mean as 0 with a zero gradient, where PyTorch returns NaN. The gradient is
+#
+#     dL/dx_ic = scale_i (A_i p_ic - a_ic),   A_i = sum_c a_ic,   p = softmax(x),
+#
+# with scale_i the reduction's factor (grad_output / denominator for "mean"). Without weights
+# or smoothing this is the familiar (p - onehot(t)) / N.
+
+def softmax_cross_entropy(logits, target, *, weight=None, ignore_index: int = -100,
+                          label_smoothing: float = 0.0, reduction: str = "mean"):
+    """Cross-entropy of ``softmax(logits)`` against ``target``, with PyTorch's semantics.
+
+    ``logits`` is (N, C). ``target`` holds class indices (N,) or probabilities (N, C) whose rows
+    sum to 1. Returns a 0-d array for "mean" and "sum", an (N,) array for "none".
+    """
+    plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
+    return plan.loss(plan.lse())
+
+
+def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, reduction: str = "mean",
+                               grad_output=1.0):
+    """d loss / d logits for :func:`softmax_cross_entropy`, in the fused form (p - onehot) * scale.
+
+    ``grad_output`` is the upstream gradient of the loss: a scalar (or 0-d array) for "mean" and
+    "sum", an (N,) array for "none". On cupy arrays one fused ElementwiseKernel computes it.
+    """
+    plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
+    return plan.grad(plan.lse(), grad_output)
+
+
+class _CrossEntropyPlan:
+    """The checked arguments of one cross-entropy call and its per-row coefficients.
+
+    Shared by the functions above and by ``losses.SoftmaxCrossEntropy``, which keeps the
+    log-sum-exp from its forward pass for its backward.
+    """
+
+    def __init__(self, logits, target, weight, ignore_index, label_smoothing, reduction,
+                 validate: bool = True):
+        if validate:
+            check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothing,
+                                     reduction)
+        self.xp = get_array_module(logits, target, weight)
+        self.logits, self.target, self.weight = logits, target, weight
+        self.ignore_index, self.eps, self.reduction = ignore_index, float(label_smoothing), reduction
+        self.probability_target = is_float_dtype(target.dtype)
+        self.acc = accumulation_dtype(logits.dtype)
+        self._rows = None
+
+    def lse(self):
+        return logsumexp(self.logits, axis=1).astype(self.acc, copy=False)
+
+    def rows(self):
+        """Per-row (coef, A, valid, denominator) for class-index targets, computed once."""
+        if self._rows is None:
+            xp, acc, t = self.xp, self.acc, self.target
+            n, c = self.logits.shape
+            valid = t != self.ignore_index
+            t_safe = xp.where(valid, t, 0)
+            w_t = valid.astype(acc) if self.weight is None else \
+                self.weight.astype(acc, copy=False)[t_safe] * valid
+            w_sum = c if self.weight is None else self.weight.astype(acc, copy=False).sum()
+            coef = (1.0 - self.eps) * w_t
+            big_a = coef + (self.eps / c) * w_sum * valid
+            self._rows = (t_safe, coef, big_a, valid, w_t.sum())
+        return self._rows
+
+    def smoothing_weights(self):
+        """(ε/C) w_c as an array of shape (C,), the smoothing part of a_ic."""
+        c = self.logits.shape[1]
+        if self.weight is None:
+            return self.xp.full((c,), self.eps / c, dtype=self.acc)
+        return self.weight.astype(self.acc) * (self.eps / c)
+
+    def coefficients(self):
+        """The full (N, C) matrix a_ic; only probability targets need it."""
+        c = self.logits.shape[1]
+        a = self.target.astype(self.acc) * (1.0 - self.eps) + self.eps / c
+        if self.weight is not None:
+            a *= self.weight.astype(self.acc, copy=False)
+        return a
+
+    def loss(self, lse):
+        xp, x = self.xp, self.logits.astype(self.acc, copy=False)
+        n = x.shape[0]
+        if self.probability_target:
+            per_row = (self.coefficients() * (lse[:, None] - x)).sum(axis=1)
+            denominator = n
+        else:
+            t_safe, coef, _, valid, denominator = self.rows()
+            nll = lse - xp.take_along_axis(x, t_safe[:, None], axis=1)[:, 0]
+            per_row = coef * xp.where(valid, nll, 0)
+            if self.eps:
+                smooth = (self.smoothing_weights() * (lse[:, None] - x)).sum(axis=1)
+                per_row = per_row + xp.where(valid, smooth, 0)
+        return self._reduce(xp, per_row, denominator).astype(self.logits.dtype)
+
+    def _reduce(self, xp, per_row, denominator):
+        if self.reduction == "none":
+            return per_row
+        total = per_row.sum()
+        if self.reduction == "sum":
+            return total
+        return _safe_divide(xp, total, denominator)
+
+    def row_scale(self, grad_output):
+        """scale_i: the reduction's factor times the upstream gradient, per row."""
+        xp, n = self.xp, self.logits.shape[0]
+        g = grad_output if hasattr(grad_output, "dtype") else np.asarray(grad_output)
+        if self.reduction == "none":
+            if g.ndim != 0 and g.shape != (n,):
+                raise ValueError(f"grad_output must be a scalar or of shape ({n},) for "
+                                 f"reduction='none', got shape {g.shape}")
+        elif g.ndim != 0:
+            raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}, "
+                             f"got shape {g.shape}")
+        g = xp.asarray(g, dtype=self.acc)
+        if self.reduction == "mean":
+            denominator = n if self.probability_target else self.rows()[4]
+            g = _safe_divide(xp, g, denominator)
+        return xp.broadcast_to(g, (n,))
+
+    def grad(self, lse, grad_output=1.0):
+        xp, x = self.xp, self.logits
+        scale = self.row_scale(grad_output)
+        if self.probability_target:
+            a = self.coefficients()
+            p = xp.exp(x.astype(self.acc, copy=False) - lse[:, None])
+            dx = scale[:, None] * (a.sum(axis=1, keepdims=True) * p - a)
+            return dx.astype(x.dtype, copy=False)
+        t_safe, coef, big_a, valid, _ = self.rows()
+        scale = scale * valid  # ignored rows get exactly zero gradient
+        smooth = self.smoothing_weights()
+        if is_cuda_array(x):
+            from . import cuda_kernels
+            return cuda_kernels.cross_entropy_grad(x, lse, t_safe, scale * big_a, scale * coef,
+                                                   scale, smooth)
+        return cross_entropy_grad_reference(x, lse, t_safe, scale * big_a, scale * coef, scale,
+                                            smooth)
+
+
+def cross_entropy_grad_reference(x, lse, t, alpha, beta, gamma, smooth):
+    """dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c,  p_ic = exp(x_ic - lse_i).
+
+    The vectorised twin of the CUDA kernel ``cuda_kernels.cross_entropy_grad``: same formula,
+    same argument order. alpha = scale·A, beta = scale·coef and gamma = scale are per row.
+    """
+    xp = get_array_module(x)
+    acc = lse.dtype
+    dx = xp.exp(x.astype(acc, copy=False) - lse[:, None])
+    dx *= alpha[:, None]
+    rows = xp.arange(x.shape[0])
+    dx[rows, t] -= beta
+    if smooth.any():
+        dx -= gamma[:, None] * smooth[None, :]
+    return dx.astype(x.dtype, copy=False)
+
+
+def _safe_divide(xp, numerator, denominator):
+    """numerator / denominator, and 0 where the denominator is 0 (nothing to average)."""
+    denominator = xp.asarray(denominator, dtype=numerator.dtype)
+    nonzero = denominator != 0
+    return xp.where(nonzero, numerator / xp.where(nonzero, denominator, 1), 0)
+
+
+def check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothing, reduction):
+    """Raise ValueError/TypeError for any argument the cross-entropy cannot take.
+
+    Runs before any CUDA kernel, in every reduction mode. On a GPU the label range check reads
+    two numbers back to the host: that is the price of rejecting bad labels up front.
+    """
+    if not hasattr(logits, "dtype") or not hasattr(target, "dtype"):
+        raise TypeError("logits and target must be numpy or cupy arrays, got "
+                        f"{type(logits).__name__} and {type(target).__name__}")
+    xp = get_array_module(logits, target, weight)
+    if not is_float_dtype(logits.dtype):
+        raise TypeError(f"logits must be a floating-point array, got dtype {logits.dtype}")
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be 2-D (N, C), got shape {logits.shape}")
+    n, c = logits.shape
+    if c == 0:
+        raise ValueError("logits must have at least one class, got shape (N, 0)")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
+            or not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if weight is not None:
+        if not hasattr(weight, "dtype") or not is_float_dtype(weight.dtype):
+            raise TypeError(f"weight must be a floating-point array of shape ({c},), got "
+                            f"{getattr(weight, 'dtype', type(weight).__name__)}")
+        if weight.shape != (c,):
+            raise ValueError(f"weight must have shape ({c},), one per class, got {weight.shape}")
+        if bool((weight < 0).any()) or not bool(xp.isfinite(weight).all()):
+            raise ValueError("weight must be finite and non-negative")
+
+    if target.dtype == np.bool_:
+        raise TypeError("target must hold integer class indices or float probabilities, got bool")
+    if is_float_dtype(target.dtype):
+        if target.shape != logits.shape:
+            raise TypeError(f"float target must be probabilities of the logits' shape {logits.shape}"
+                            f", got shape {target.shape}; class indices must be integers")
+        _check_probabilities(xp, target)
+        return
+    if target.dtype.kind not in "iu":
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.ndim != 1:
+        raise ValueError(f"target must be 1-D (N,) class indices, got shape {target.shape}")
+    if target.shape[0] != n:
+        raise ValueError(f"target has batch size {target.shape[0]} but logits have {n}")
+    if n == 0:
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= c))
+    if bool(bad.any()):
+        i = int(xp.argmax(bad))
+        raise ValueError(f"target has label {int(target[i])} at index {i} but logits have {c} "
+                         f"classes (expected 0..{c - 1} or ignore_index={ignore_index})")
+
+
+def _check_probabilities(xp, target):
+    tol = 10 * float(np.finfo(accumulation_dtype(target.dtype)).eps) ** 0.5
+    t = target.astype(accumulation_dtype(target.dtype), copy=False)
+    if bool((t < -tol).any()) or not bool(xp.isfinite(t).all()):
+        raise ValueError("probability target must be finite and non-negative")
+    sums = t.sum(axis=1)
+    off = xp.abs(sums - 1)
+    if t.shape[0] and bool((off > tol * max(1, t.shape[1]) ** 0.5).any()):
+        i = int(xp.argmax(off))
+        raise ValueError(f"probability target rows must sum to 1, but row {i} sums to "
+                         f"{float(sums[i]):.6g}")
