@@ -1,0 +1,325 @@
+"""Layers, as cs231n teaches them: ``forward(x)`` keeps what ``backward`` needs, and
+``backward(dy)`` fills the parameters' ``.grad`` and returns ``dx``.
+
+Gradients are *written*, not accumulated: each backward overwrites ``.grad`` (no zero_grad is
+needed between steps, and a parameter shared by two layers is not supported). Layers take numpy
+or cupy input and never ask which: ``get_array_module`` answers for them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import functional as F
+from .backend import default_rng, device_of, get_array_module, to_device
+
+
+class Parameter:
+    """A trainable array and its gradient, always of the same shape, dtype and device.
+
+    Code that updates a parameter writes into ``.data`` in place: optimizers may lay all
+    parameters out in one flat buffer, with ``.data`` and ``.grad`` as views into it.
+    """
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = get_array_module(data).zeros_like(data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __repr__(self) -> str:
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, device={device_of(self.data)})"
+
+
+class Module:
+    """Base class: parameters are discovered from attributes, like PyTorch's ``nn.Module``."""
+
+    training = True
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, dy, input_grad: bool = True):
+        """Fill the parameters' ``.grad`` from upstream gradient ``dy`` and return ``dx``.
+
+        With ``input_grad=False`` the layer skips ``dx`` and returns None: the first layer of a
+        network never needs the gradient with respect to the data.
+        """
+        raise NotImplementedError
+
+    def children(self):
+        return [(name, m) for name, m in vars(self).items() if isinstance(m, Module)]
+
+    def named_parameters(self, prefix: str = ""):
+        """(name, Parameter) pairs in a stable order, e.g. ``("0.weight", p)``."""
+        for name, value in vars(self).items():
+            if isinstance(value, Parameter):
+                yield prefix + name, value
+        for name, child in self.children():
+            yield from child.named_parameters(f"{prefix}{name}.")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad[...] = 0
+
+    def train(self, mode: bool = True):
+        """Training mode (the default): forward keeps what backward needs."""
+        self.training = mode
+        for _, child in self.children():
+            child.train(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: forward keeps nothing, so backward is unavailable."""
+        return self.train(False)
+
+    def state_dict(self) -> dict:
+        """A copy of every parameter, by name, on the module's device."""
+        return {name: p.data.copy() for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy ``state`` into the parameters in place; names and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        if missing or unexpected:
+            raise ValueError(f"state_dict does not match the model: missing {missing}, "
+                             f"unexpected {unexpected}")
+        for name, p in own.items():
+            value = state[name]
+            if tuple(value.shape) != p.data.shape:
+                raise ValueError(f"state_dict tensor {name!r} has shape {tuple(value.shape)} but "
+                                 f"the model's is {p.data.shape}")
+        for name, p in own.items():
+            p.data[...] = to_device(state[name], device_of(p.data)).astype(p.data.dtype, copy=False)
+
+    def to(self, device=None, dtype=None):
+        """Move (and/or cast) every parameter; returns self. Build optimizers after this call."""
+        for p in self.parameters():
+            data = p.data if device is None else to_device(p.data, device)
+            p.data = data if dtype is None else data.astype(dtype)
+            p.grad = get_array_module(p.data).zeros_like(p.data)
+        self._forget()
+        return self
+
+    def _forget(self) -> None:
+        """Drop what forward kept (it lives on the old device)."""
+        for name in [k for k in vars(self) if k.startswith("_saved")]:
+            setattr(self, name, None)
+        for _, child in self.children():
+            child._forget()
+
+    def _save(self, **arrays) -> None:
+        if self.training:
+            for name, value in arrays.items():
+                setattr(self, "_saved_" + name, value)
+
+    def _saved(self, name: str):
+        value = getattr(self, "_saved_" + name, None)
+        if value is None:
+            mode = "" if self.training else " (it is in eval mode: call .train() first)"
+            raise ValueError(f"{type(self).__name__}.backward() called before forward(){mode}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class Dense(Module):
+    """y = x @ weight + bias, with weight of shape (in_features, out_features).
+
+    ``init="he"`` (normal, std sqrt(2/in)) suits ReLU; ``init="xavier"`` (uniform, limit
+    sqrt(6/(in+out))) suits tanh and sigmoid. Weights are drawn on the host from ``rng`` (default:
+    the generator seeded by ``gpunet.manual_seed``), so a seed gives the same model on every device.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, init: str = "he",
+                 dtype=np.float32, rng: np.random.Generator | None = None):
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if init not in ("he", "xavier"):
+            raise ValueError(f"init must be 'he' or 'xavier', got {init!r}")
+        if not F.is_float_dtype(dtype):
+            raise TypeError(f"dtype must be a floating-point dtype, got {np.dtype(dtype)}")
+        rng = default_rng() if rng is None else rng
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        shape = (self.in_features, self.out_features)
+        if init == "he":
+            w = rng.standard_normal(shape) * math.sqrt(2.0 / in_features)
+        else:
+            limit = math.sqrt(6.0 / (in_features + out_features))
+            w = rng.uniform(-limit, limit, shape)
+        self.weight = Parameter(w.astype(dtype))
+        self.bias = Parameter(np.zeros(out_features, dtype=dtype)) if bias else None
+
+    def forward(self, x):
+        w = self.weight.data
+        xp = get_array_module(x, w)
+        if getattr(x, "ndim", None) != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"{self!r} expects input of shape (N, {self.in_features}), "
+                             f"got {getattr(x, 'shape', type(x).__name__)}")
+        if x.dtype != w.dtype:
+            raise TypeError(f"{self!r} has {w.dtype} weights but got {x.dtype} input; convert "
+                            "the input (x.astype) or the model (model.to(dtype=...))")
+        y = xp.matmul(x, w)
+        if self.bias is not None:
+            y += self.bias.data
+        self._save(x=x)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        x = self._saved("x")
+        xp = get_array_module(x, dy)
+        if dy.shape != (x.shape[0], self.out_features):
+            raise ValueError(f"{self!r}.backward expects dy of shape {(x.shape[0], self.out_features)},"
+                             f" got {dy.shape}")
+        xp.matmul(x.T, dy, out=self.weight.grad)
+        if self.bias is not None:
+            dy.sum(axis=0, out=self.bias.grad)
+        return xp.matmul(dy, self.weight.data.T) if input_grad else None
+
+    def __repr__(self) -> str:
+        return f"Dense({self.in_features}, {self.out_features})"
+
+
+class ReLU(Module):
+    """max(x, 0). Its derivative at exactly 0 is taken as 0, as in PyTorch."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = xp.maximum(x, 0)
+        self._save(y=y)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        y = self._saved("y")
+        _check_grad_shape(self, y, dy)
+        return get_array_module(y, dy).where(y > 0, dy, 0) if input_grad else None
+
+
+class Sigmoid(Module):
+    """1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2, which never overflows."""
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        y = 0.5 * (1 + xp.tanh(0.5 * x))
+        self._save(y=y)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        y = self._saved("y")
+        _check_grad_shape(self, y, dy)
+        return dy * y * (1 - y) if input_grad else None
+
+
+class Tanh(Module):
+    def forward(self, x):
+        y = get_array_module(x).tanh(x)
+        self._save(y=y)
+        return y
+
+    def backward(self, dy, input_grad: bool = True):
+        y = self._saved("y")
+        _check_grad_shape(self, y, dy)
+        return dy * (1 - y * y) if input_grad else None
+
+
+class Softmax(Module):
+    """softmax along ``axis``, with the exact backward for any upstream gradient.
+
+    Use it to feed probabilities to any loss; for classification, ``SoftmaxCrossEntropy`` on the
+    logits is faster and more accurate than Softmax followed by ``CrossEntropy``.
+    """
+
+    def __init__(self, axis: int = -1):
+        self.axis = axis
+
+    def forward(self, x):
+        s = F.softmax(x, axis=self.axis)
+        self._save(s=s)
+        return s
+
+    def backward(self, dy, input_grad: bool = True):
+        s = self._saved("s")
+        return F.softmax_vjp(s, dy, axis=self.axis) if input_grad else None
+
+    def __repr__(self) -> str:
+        return f"Softmax(axis={self.axis})"
+
+
+def _check_grad_shape(layer, y, dy):
+    get_array_module(y, dy)
+    if dy.shape != y.shape:
+        raise ValueError(f"{type(layer).__name__}.backward expects dy of shape {y.shape}, got {dy.shape}")
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers: Module):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential takes Module layers, got {type(layer).__name__} at position {i}")
+        self.layers = list(layers)
+
+    def children(self):
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, dy, input_grad: bool = True):
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
+            dy = self.layers[i].backward(dy, input_grad=input_grad or i > 0)
+        return dy
+
+    def __getitem__(self, i):
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self) -> str:
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"Sequential(\n  {inner}\n)"
+
+
+ACTIVATIONS = {"relu": ReLU, "tanh": Tanh, "sigmoid": Sigmoid}
+
+
+def mlp(sizes, activation: str = "relu", *, dtype=np.float32, rng=None) -> Sequential:
+    """A multilayer perceptron: ``mlp([784, 256, 10])`` is Dense-ReLU-Dense, ending in logits."""
+    sizes = list(sizes)
+    if len(sizes) < 2:
+        raise ValueError(f"sizes must list at least the input and output widths, got {sizes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    init = "he" if activation == "relu" else "xavier"
+    layers: list[Module] = []
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(Dense(fan_in, fan_out, init=init, dtype=dtype, rng=rng))
+        if i < len(sizes) - 2:
+            layers.append(ACTIVATIONS[activation]())
+    return Sequential(*layers)

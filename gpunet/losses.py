@@ -1,0 +1,147 @@
+"""Losses: ``forward(pred, target)`` returns a scalar (a 0-d array on pred's device) and
+``backward(grad_output=1.0)`` returns d loss / d pred for the last forward.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import functional as F
+from .backend import get_array_module
+
+
+class Loss:
+    reduction = "mean"
+
+    def __call__(self, pred, target):
+        return self.forward(pred, target)
+
+    def _saved(self):
+        if getattr(self, "_plan", None) is None:
+            raise ValueError(f"{type(self).__name__}.backward() called before forward()")
+        return self._plan
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax and cross-entropy fused, on logits, with the keywords of PyTorch's F.cross_entropy.
+
+    The forward keeps the rows' log-sum-exp (N numbers), from which backward rebuilds the
+    probabilities in the same pass that writes the gradient (p - onehot) * scale.
+    """
+
+    def __init__(self, *, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean"):
+        # Checked here too, so a bad keyword fails when the loss is built, not at the first batch.
+        if reduction not in F.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+        self.weight, self.ignore_index = weight, ignore_index
+        self.label_smoothing, self.reduction = float(label_smoothing), reduction
+        self._plan = self._lse = None
+
+    def _make_plan(self, logits, target, validate=True):
+        return F._CrossEntropyPlan(logits, target, self.weight, self.ignore_index,
+                                   self.label_smoothing, self.reduction, validate=validate)
+
+    def forward(self, logits, target):
+        self._plan = self._make_plan(logits, target)
+        self._lse = self._plan.lse()
+        return self._plan.loss(self._lse)
+
+    def backward(self, grad_output=1.0):
+        return self._saved().grad(self._lse, grad_output)
+
+    def forward_backward(self, logits, target, *, validate: bool = True):
+        """(loss, d loss / d logits) in one pass: the training step's call.
+
+        ``validate=False`` skips the argument checks, whose label range check costs a device
+        synchronisation on a GPU; pass it only for targets checked once beforehand.
+        """
+        plan = self._make_plan(logits, target, validate=validate)
+        if validate is False and not plan.probability_target and get_array_module(logits) is not np:
+            from . import cuda_kernels
+            return cuda_kernels.cross_entropy_forward_backward(plan)
+        lse = plan.lse()
+        self._plan, self._lse = plan, lse
+        return plan.loss(lse), plan.grad(lse)
+
+    def __repr__(self) -> str:
+        return (f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing}, "
+                f"reduction={self.reduction!r})")
+
+
+class CrossEntropy(Loss):
+    """Cross-entropy of probabilities (the output of a Softmax layer) against targets.
+
+    Softmax followed by CrossEntropy equals SoftmaxCrossEntropy on the logits, keyword for
+    keyword; the fused loss is faster and stays finite where a probability underflows to 0
+    (here, a target probability of 0 gives an infinite loss, as the mathematics says).
+    """
+
+    def __init__(self, *, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean"):
+        self._fused = SoftmaxCrossEntropy(weight=weight, ignore_index=ignore_index,
+                                          label_smoothing=label_smoothing, reduction=reduction)
+        self.reduction = reduction
+        self._plan = None
+
+    def forward(self, probs, target):
+        probs = F._float_array(probs, "probs")
+        xp = get_array_module(probs, target)
+        if probs.size and bool((probs < 0).any()):
+            raise ValueError("probs must be non-negative probabilities (the output of a softmax); "
+                             "for raw scores use SoftmaxCrossEntropy")
+        with np.errstate(divide="ignore"):
+            log_p = xp.log(probs)
+        # CE on probabilities p is the fused loss on logits log(p), whose log-sum-exp is 0.
+        self._plan = self._fused._make_plan(log_p, target)
+        self._probs = probs
+        acc = F.accumulation_dtype(probs.dtype)
+        return self._plan.loss(xp.zeros(probs.shape[0], dtype=acc))
+
+    def backward(self, grad_output=1.0):
+        plan = self._saved()
+        # dL/dp_ic = -scale_i a_ic / p_ic: the fused gradient without its A_i p_ic term.
+        xp = plan.xp
+        scale = plan.row_scale(grad_output)
+        if plan.probability_target:
+            a = plan.coefficients()
+        else:
+            t_safe, coef, _, valid, _ = plan.rows()
+            scale = scale * valid
+            a = xp.broadcast_to(plan.smoothing_weights()[None, :], self._probs.shape).copy()
+            a[xp.arange(a.shape[0]), t_safe] += coef
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dp = -scale[:, None] * a / self._probs
+        return dp.astype(self._probs.dtype, copy=False)
+
+
+class MSELoss(Loss):
+    """Mean squared error: mean((pred - target)²) over all elements (or "sum", "none")."""
+
+    def __init__(self, reduction: str = "mean"):
+        if reduction not in F.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
+        self.reduction = reduction
+        self._plan = None
+
+    def forward(self, pred, target):
+        pred = F._float_array(pred, "pred")
+        get_array_module(pred, target)
+        if pred.shape != target.shape:
+            raise ValueError(f"target must have pred's shape {pred.shape}, got {target.shape}")
+        diff = pred - target
+        self._plan = diff
+        sq = diff * diff
+        if self.reduction == "none":
+            return sq
+        if self.reduction == "mean" and sq.size == 0:  # an empty batch has no error: 0, not NaN
+            return get_array_module(sq).zeros((), dtype=sq.dtype)
+        return sq.sum() if self.reduction == "sum" else sq.mean()
+
+    def backward(self, grad_output=1.0):
+        diff = self._saved()
+        scale = 2.0 / diff.size if self.reduction == "mean" and diff.size else 2.0
+        return (diff * scale * grad_output).astype(diff.dtype, copy=False)

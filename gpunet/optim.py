@@ -1,0 +1,313 @@
+"""Optimizers with PyTorch's update rules, and learning-rate schedules.
+
+An optimizer lays its parameters out in one flat buffer (``Parameter.data`` and ``.grad`` become
+views into it), so a step is a handful of whole-buffer operations in place: no per-parameter
+Python loop, no parameter-sized temporaries (one scratch buffer is allocated once), and on a GPU
+one fused kernel for all parameters. Build the optimizer after moving the model to its device.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from .backend import get_array_module, is_cuda_array, to_device, device_of
+from .layers import Parameter
+
+
+def flatten_parameters(params: list[Parameter]):
+    """Move every parameter's data and grad into one flat buffer each, as views; returns both."""
+    first = params[0].data
+    xp = get_array_module(first)
+    for p in params:
+        get_array_module(first, p.data)
+        if p.data.dtype != first.dtype:
+            raise ValueError(f"all parameters must share one dtype, got {first.dtype} and {p.data.dtype}")
+    total = sum(p.data.size for p in params)
+    with device_of(first).scope():
+        data, grad = xp.empty(total, first.dtype), xp.empty(total, first.dtype)
+    offset = 0
+    for p in params:
+        n, shape = p.data.size, p.data.shape
+        data[offset:offset + n] = p.data.ravel()
+        grad[offset:offset + n] = p.grad.ravel()
+        p.data = data[offset:offset + n].reshape(shape)
+        p.grad = grad[offset:offset + n].reshape(shape)
+        offset += n
+    return data, grad
+
+
+def _positive(name: str, value, allow_zero: bool = False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+class Optimizer:
+    """Base class: flat buffers, ``zero_grad``, ``step`` and ``state_dict``."""
+
+    state_names: tuple[str, ...] = ()
+
+    def __init__(self, params, lr: float):
+        params = list(params)
+        if not params:
+            raise ValueError("optimizer got an empty parameter list")
+        for i, p in enumerate(params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"params must be Parameter objects (model.parameters()), got "
+                                f"{type(p).__name__} at position {i}")
+        self.params = params
+        self.lr = _positive("lr", lr)
+        self.data, self.grad = flatten_parameters(params)
+        self._views = [p.data for p in params]
+        xp = get_array_module(self.data)
+        with device_of(self.data).scope():
+            self.state = {name: xp.zeros_like(self.data) for name in self.state_names}
+            self._scratch = xp.empty_like(self.data)
+        self.step_count = 0
+
+    def zero_grad(self) -> None:
+        self.grad.fill(0)
+
+    def step(self) -> None:
+        """One update of every parameter from its ``.grad``, in place."""
+        for p, view in zip(self.params, self._views):
+            if p.data is not view:
+                raise RuntimeError("a parameter's array was replaced after the optimizer was built "
+                                   "(model.to() or assignment); build the optimizer afterwards")
+        self.step_count += 1
+        if is_cuda_array(self.data):
+            from . import cuda_kernels
+            cuda_kernels.optimizer_update(self)
+        else:
+            self._update()
+
+    def _update(self) -> None:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict:
+        """The scalars of the update rule, by name (the CUDA kernel takes the same)."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Scalars and flat state arrays (copies), ready for ``np.savez``."""
+        out = {"lr": self.lr, "step": self.step_count}
+        out.update({name: buf.copy() for name, buf in self.state.items()})
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in ("lr", "step", *self.state_names) if k not in state]
+        if missing:
+            raise ValueError(f"optimizer state_dict lacks {missing} (is it from another optimizer?)")
+        for name in self.state_names:
+            if tuple(state[name].shape) != self.data.shape:
+                raise ValueError(f"optimizer state {name!r} has shape {tuple(state[name].shape)} but "
+                                 f"the parameters need {self.data.shape}")
+        self.lr = _positive("lr", float(state["lr"]))
+        self.step_count = int(state["step"])
+        for name, buf in self.state.items():
+            buf[...] = to_device(state[name], device_of(buf))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with PyTorch's rule::
+
+        g = grad + weight_decay * p
+        buf = g (first step), else momentum * buf + (1 - dampening) * g
+        g = g + momentum * buf (nesterov) or buf
+        p -= lr * g
+    """
+
+    state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
+                 nesterov: bool = False, weight_decay: float = 0.0):
+        self.momentum = _positive("momentum", momentum, allow_zero=True)
+        self.dampening = _positive("dampening", dampening, allow_zero=True)
+        self.weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+        if nesterov and (self.momentum == 0 or self.dampening != 0):
+            raise ValueError("nesterov momentum needs momentum > 0 and dampening = 0")
+        self.nesterov = bool(nesterov)
+        if self.momentum == 0:
+            self.state_names = ()
+        super().__init__(params, lr)
+
+    def hyperparameters(self) -> dict:
+        return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+                "nesterov": self.nesterov, "weight_decay": self.weight_decay}
+
+    def _update(self) -> None:
+        xp, p, s = get_array_module(self.data), self.data, self._scratch
+        d = self.grad
+        if self.weight_decay:
+            xp.multiply(p, self.weight_decay, out=s)
+            s += d
+            d = s
+        if self.momentum:
+            buf = self.state["momentum_buffer"]
+            if self.step_count == 1:
+                buf[...] = d
+            else:
+                buf *= self.momentum
+                if self.dampening:
+                    xp.multiply(d, 1 - self.dampening, out=s)
+                    buf += s
+                else:
+                    buf += d
+            if self.nesterov:  # p -= lr * (d + momentum * buf), in two in-place halves
+                xp.multiply(d, self.lr, out=s)
+                p -= s
+                xp.multiply(buf, self.lr * self.momentum, out=s)
+                p -= s
+                return
+            d = buf
+        xp.multiply(d, self.lr, out=s)
+        p -= s
+
+
+class Adam(Optimizer):
+    """Adam (Kingma and Ba) with PyTorch's rule; ``weight_decay`` adds L2 to the gradient.
+
+    ``decoupled=True`` (what :class:`AdamW` sets) decays the weights directly instead.
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, decoupled: bool = False):
+        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps = _positive("eps", eps)
+        self.weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
+        self.decoupled = bool(decoupled)
+        super().__init__(params, lr)
+        with device_of(self.data).scope():
+            self._scratch2 = get_array_module(self.data).empty_like(self.data)
+
+    def hyperparameters(self) -> dict:
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps,
+                "weight_decay": self.weight_decay, "decoupled": self.decoupled}
+
+    def bias_corrections(self) -> tuple[float, float]:
+        b1, b2 = self.betas
+        return 1 - b1 ** self.step_count, 1 - b2 ** self.step_count
+
+    def _update(self) -> None:
+        xp, p, g = get_array_module(self.data), self.data, self.grad
+        s, s2 = self._scratch, self._scratch2
+        (b1, b2), (bc1, bc2) = self.betas, self.bias_corrections()
+        m, v = self.state["exp_avg"], self.state["exp_avg_sq"]
+        if self.weight_decay and self.decoupled:
+            p *= 1 - self.lr * self.weight_decay
+        elif self.weight_decay:
+            xp.multiply(p, self.weight_decay, out=s)
+            s += g
+            g = s
+        m *= b1
+        xp.multiply(g, 1 - b1, out=s2)
+        m += s2
+        v *= b2
+        xp.multiply(g, g, out=s2)
+        s2 *= 1 - b2
+        v += s2
+        # p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps): PyTorch's exact arrangement
+        xp.sqrt(v, out=s)
+        s /= math.sqrt(bc2)
+        s += self.eps
+        xp.divide(m, s, out=s)
+        s *= self.lr / bc1
+        p -= s
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov and Hutter): p *= 1 - lr * weight_decay."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr, betas, eps, weight_decay, decoupled=True)
+
+
+# --- learning-rate schedules ---------------------------------------------------------------------
+
+class LRScheduler:
+    """Sets ``optimizer.lr`` from a closed-form function of the step count.
+
+    Call ``step()`` once per optimizer step (or per epoch: the unit is yours). An optional linear
+    warm-up ramps from ``base_lr / warmup_steps`` to ``base_lr`` over the first ``warmup_steps``.
+    Being closed-form, a schedule resumes exactly from its ``state_dict``.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int = 0):
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        self.optimizer, self.warmup_steps = optimizer, warmup_steps
+        self.base_lr = optimizer.lr
+        self.last_step = 0
+        optimizer.lr = self.lr_at(0)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        return self.base_lr * self.factor(step - self.warmup_steps)
+
+    def factor(self, step: int) -> float:
+        """The multiplier of base_lr ``step`` steps after warm-up."""
+        return 1.0
+
+    def step(self) -> None:
+        self.last_step += 1
+        self.optimizer.lr = self.lr_at(self.last_step)
+
+    def get_last_lr(self) -> float:
+        return self.optimizer.lr
+
+    def state_dict(self) -> dict:
+        return {"base_lr": self.base_lr, "last_step": self.last_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base_lr, self.last_step = float(state["base_lr"]), int(state["last_step"])
+        self.optimizer.lr = self.lr_at(self.last_step)
+
+
+class ConstantLR(LRScheduler):
+    """base_lr throughout (after the optional warm-up)."""
+
+
+class StepLR(LRScheduler):
+    """base_lr * gamma ** (step // step_size)."""
+
+    def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
+                 warmup_steps: int = 0):
+        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size <= 0:
+            raise ValueError(f"step_size must be a positive int, got {step_size!r}")
+        self.step_size, self.gamma = step_size, _positive("gamma", gamma)
+        super().__init__(optimizer, warmup_steps)
+
+    def factor(self, step: int) -> float:
+        return self.gamma ** (step // self.step_size)
+
+
+class CosineAnnealingLR(LRScheduler):
+    """Half a cosine from base_lr down to eta_min over T_max steps (after warm-up), then eta_min."""
+
+    def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
+                 warmup_steps: int = 0):
+        if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max <= 0:
+            raise ValueError(f"T_max must be a positive int, got {T_max!r}")
+        self.T_max, self.eta_min = T_max, _positive("eta_min", eta_min, allow_zero=True)
+        super().__init__(optimizer, warmup_steps)
+
+    def factor(self, step: int) -> float:
+        progress = min(step, self.T_max) / self.T_max
+        low = self.eta_min / self.base_lr
+        return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,132 @@
+"""gpunet.layers: float64 gradient checks with random upstream gradients, and the Module API."""
+
+import numpy as np
+import pytest
+
+from gpunet import layers as L
+from gpunet.backend import to_numpy
+from gpunet.gradcheck import check_layer, standard_cases
+
+
+LAYER_CASES = [case for case in standard_cases(np.random.default_rng(0)) if case[1] == "layer"]
+
+
+@pytest.mark.parametrize("name", [name for name, _, _ in LAYER_CASES])
+def test_gradient_check(device, name):
+    rng = np.random.default_rng(7)
+    (layer, x), = [args for n, _, args in standard_cases(rng, np.float64, device) if n == name]
+    errors = check_layer(layer, x, rng=rng)
+    assert errors and max(errors.values()) < 1e-7, errors
+
+
+def test_dense_shapes_and_init(rng):
+    d = L.Dense(784, 256, rng=rng)
+    assert d.weight.shape == (784, 256) and d.bias.shape == (256,)
+    assert d.weight.dtype == np.float32
+    assert abs(d.weight.data.std() - np.sqrt(2 / 784)) < 0.002  # He
+    assert not d.bias.data.any()
+    x = L.Dense(400, 100, init="xavier", rng=rng).weight.data
+    assert np.abs(x).max() <= np.sqrt(6 / 500)
+    assert [n for n, _ in L.mlp([4, 3, 2]).named_parameters()] == \
+        ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+def test_dense_computes_affine_map(device, on, rng):
+    d = L.Dense(5, 3, dtype=np.float64, rng=rng).to(device)
+    x = rng.standard_normal((4, 5))
+    w, b = to_numpy(d.weight.data), to_numpy(d.bias.data)
+    np.testing.assert_allclose(to_numpy(d(on(x))), x @ w + b)
+
+
+def test_same_seed_same_model_on_every_device():
+    a = L.mlp([6, 5, 2], rng=np.random.default_rng(3))
+    b = L.mlp([6, 5, 2], rng=np.random.default_rng(3))
+    for (_, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+
+
+def test_first_layer_skips_input_gradient(rng):
+    model = L.mlp([5, 4, 3], dtype=np.float64, rng=rng)
+    x = rng.standard_normal((2, 5))
+    dy = rng.standard_normal((2, 3))
+    model(x)
+    dx = model.backward(dy)
+    grads = [p.grad.copy() for p in model.parameters()]
+    model(x)
+    assert model.backward(dy, input_grad=False) is None
+    for g, p in zip(grads, model.parameters()):
+        np.testing.assert_array_equal(g, p.grad)
+    assert dx.shape == (2, 5)
+
+
+def test_backward_overwrites_gradients(rng):
+    d = L.Dense(3, 2, dtype=np.float64, rng=rng)
+    x, dy = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    d(x)
+    d.backward(dy)
+    first = d.weight.grad.copy()
+    d.backward(dy)
+    np.testing.assert_array_equal(d.weight.grad, first)
+    d.zero_grad()
+    assert not d.weight.grad.any()
+
+
+def test_wrong_feature_size_and_dtype():
+    d = L.Dense(784, 10)
+    with pytest.raises(ValueError, match=r"Dense\(784, 10\) expects input of shape \(N, 784\), got \(2, 100\)"):
+        d(np.zeros((2, 100), np.float32))
+    with pytest.raises(TypeError, match="float32 weights but got float64 input"):
+        d(np.zeros((2, 784)))
+    with pytest.raises(TypeError, match="float32 weights but got uint8 input"):
+        d(np.zeros((2, 784), np.uint8))
+    with pytest.raises(ValueError, match="in_features must be a positive int, got 0"):
+        L.Dense(0, 3)
+    with pytest.raises(ValueError, match="init must be 'he' or 'xavier'"):
+        L.Dense(3, 3, init="lecun")
+
+
+@pytest.mark.parametrize("make", [lambda: L.Dense(3, 2), L.ReLU, L.Sigmoid, L.Tanh, L.Softmax,
+                                  lambda: L.mlp([3, 4, 2])])
+def test_backward_before_forward(make):
+    with pytest.raises(ValueError, match=r"backward\(\) called before forward\(\)"):
+        make().backward(np.zeros((1, 2), np.float32))
+
+
+def test_eval_mode_keeps_nothing(rng):
+    model = L.mlp([3, 4, 2]).eval()
+    model(rng.standard_normal((2, 3)).astype(np.float32))
+    with pytest.raises(ValueError, match="eval mode"):
+        model.backward(np.zeros((2, 2), np.float32))
+    assert model.train().training and model[0].training
+
+
+def test_upstream_gradient_shape_is_checked(rng):
+    relu = L.ReLU()
+    relu(rng.standard_normal((2, 3)))
+    with pytest.raises(ValueError, match=r"ReLU.backward expects dy of shape \(2, 3\), got \(3, 2\)"):
+        relu.backward(np.zeros((3, 2)))
+
+
+def test_state_dict_round_trip_and_mismatch(rng):
+    a, b = L.mlp([4, 6, 3], rng=rng), L.mlp([4, 6, 3], rng=rng)
+    state = a.state_dict()
+    b.load_state_dict(state)
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p.data, q.data)
+    state["0.weight"][...] = 0  # a copy: the model is untouched
+    assert a[0].weight.data.any()
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(4, 5\) but the model's is \(4, 6\)"):
+        b.load_state_dict(L.mlp([4, 5, 3]).state_dict())
+    with pytest.raises(ValueError, match=r"missing \['2.bias'\]"):
+        b.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+
+
+def test_to_dtype_and_device(device, rng):
+    model = L.mlp([3, 4, 2], rng=rng).to(device, dtype=np.float64)
+    assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64 for p in model.parameters())
+    assert all(type(p.data) is type(device.xp.zeros(1)) for p in model.parameters())
+
+
+def test_sequential_rejects_non_modules():
+    with pytest.raises(TypeError, match="got function at position 1"):
+        L.Sequential(L.ReLU(), lambda x: x)

@@ -1,0 +1,98 @@
+"""gpunet.losses: gradient checks, the fused path against Softmax + CrossEntropy, and errors."""
+
+import numpy as np
+import pytest
+
+from gpunet import functional as F
+from gpunet import layers as L
+from gpunet import losses as Lo
+from gpunet.backend import to_numpy
+from gpunet.gradcheck import check_loss, standard_cases
+
+LOSS_CASES = [name for name, kind, _ in standard_cases(np.random.default_rng(0)) if kind == "loss"]
+
+
+@pytest.mark.parametrize("name", LOSS_CASES)
+def test_gradient_check(device, name):
+    rng = np.random.default_rng(11)
+    (loss, pred, target), = [a for n, _, a in standard_cases(rng, np.float64, device) if n == name]
+    errors = check_loss(loss, pred, target, rng=rng)
+    assert errors["input"] < 1e-7, errors
+
+
+@pytest.mark.parametrize("keywords", [
+    {}, {"reduction": "sum"}, {"reduction": "none"}, {"label_smoothing": 0.2},
+    {"ignore_index": 1}, {"weight": "random", "label_smoothing": 0.1, "ignore_index": 0},
+])
+def test_fused_equals_softmax_then_cross_entropy(device, on, rng, keywords):
+    """Softmax and CrossEntropy as separate layers give the fused loss and gradient."""
+    keywords = dict(keywords)
+    if keywords.get("weight") == "random":
+        keywords["weight"] = on(rng.uniform(0.5, 2.0, 6))
+    x = on(rng.standard_normal((8, 6)))
+    t = on(rng.integers(0, 6, 8))
+    fused, ce, softmax = Lo.SoftmaxCrossEntropy(**keywords), Lo.CrossEntropy(**keywords), L.Softmax()
+    upstream = on(rng.standard_normal(8)) if keywords.get("reduction") == "none" else 1.3
+    loss_fused = fused(x, t)
+    grad_fused = fused.backward(upstream)
+    loss_split = ce(softmax(x), t)
+    grad_split = softmax.backward(ce.backward(upstream))
+    np.testing.assert_allclose(to_numpy(loss_split), to_numpy(loss_fused), rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(grad_split), to_numpy(grad_fused), rtol=1e-9, atol=1e-15)
+
+
+def test_forward_backward_equals_forward_then_backward(device, on, rng):
+    x = on(rng.standard_normal((16, 10)).astype(np.float32))
+    t = on(rng.integers(0, 10, 16))
+    loss = Lo.SoftmaxCrossEntropy(label_smoothing=0.1)
+    value, grad = loss.forward_backward(x, t)
+    np.testing.assert_allclose(to_numpy(value), to_numpy(loss.forward(x, t)), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(grad), to_numpy(loss.backward()), rtol=1e-6, atol=1e-9)
+    unchecked_value, unchecked_grad = loss.forward_backward(x, t, validate=False)
+    np.testing.assert_allclose(to_numpy(unchecked_value), to_numpy(value), rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(unchecked_grad), to_numpy(grad), rtol=1e-6, atol=1e-9)
+
+
+def test_loss_is_a_0d_array_on_the_input_device(device, on):
+    value = Lo.SoftmaxCrossEntropy()(on(np.zeros((2, 3), np.float32)), on(np.array([0, 2])))
+    assert value.shape == () and type(value) is type(on(np.zeros(1)))
+    assert float(value) == pytest.approx(np.log(3))
+
+
+def test_cross_entropy_of_a_zero_probability_is_infinite():
+    ce = Lo.CrossEntropy()
+    assert float(ce(np.array([[1.0, 0.0]]), np.array([1]))) == np.inf
+    with pytest.raises(ValueError, match="probs must be non-negative"):
+        ce(np.array([[1.5, -0.5]]), np.array([0]))
+
+
+def test_mse(device, on, rng):
+    pred, target = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    mse = Lo.MSELoss()
+    assert float(mse(on(pred), on(target))) == pytest.approx(((pred - target) ** 2).mean())
+    np.testing.assert_allclose(to_numpy(mse.backward()), 2 * (pred - target) / 12)
+    assert float(Lo.MSELoss()(on(np.zeros((0, 3))), on(np.zeros((0, 3))))) == 0.0  # empty batch
+    with pytest.raises(ValueError, match=r"target must have pred's shape \(4, 3\), got \(3, 4\)"):
+        mse(on(pred), on(target.T))
+
+
+@pytest.mark.parametrize("loss", [Lo.SoftmaxCrossEntropy(), Lo.CrossEntropy(), Lo.MSELoss()])
+def test_backward_before_forward(loss):
+    with pytest.raises(ValueError, match=r"backward\(\) called before forward\(\)"):
+        loss.backward()
+
+
+def test_bad_keywords_fail_at_construction():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        Lo.SoftmaxCrossEntropy(reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing must be a float in"):
+        Lo.CrossEntropy(label_smoothing=1.5)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        Lo.MSELoss("mean_squared")
+
+
+def test_loss_checks_labels_in_every_mode(rng):
+    x = rng.standard_normal((2, 3))
+    for reduction in F.REDUCTIONS:
+        with pytest.raises(ValueError, match="target has label 3 at index 0"):
+            Lo.SoftmaxCrossEntropy(reduction=reduction).forward_backward(x, np.array([3, 0]))

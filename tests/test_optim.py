@@ -1,0 +1,195 @@
+"""gpunet.optim: PyTorch's update rules, in place on flat buffers, and the schedules."""
+
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from gpunet import layers as L
+from gpunet import optim
+from gpunet.backend import to_numpy
+
+
+def reference_trajectory(kind, p0, grads, lr, **kw):
+    """The update rules written out plainly, allocating freely, in float64."""
+    p, state = p0.astype(np.float64).copy(), {}
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        if kind == "sgd":
+            m, damp, wd = kw.get("momentum", 0), kw.get("dampening", 0), kw.get("weight_decay", 0)
+            d = g + wd * p
+            if m:
+                state["buf"] = d.copy() if t == 1 else m * state["buf"] + (1 - damp) * d
+                d = d + m * state["buf"] if kw.get("nesterov") else state["buf"]
+            p = p - lr * d
+        else:
+            (b1, b2), eps, wd = kw.get("betas", (0.9, 0.999)), kw.get("eps", 1e-8), kw.get("weight_decay", 0)
+            if kind == "adamw":
+                p = p * (1 - lr * wd)
+            else:
+                g = g + wd * p
+            state["m"] = b1 * state.get("m", 0) + (1 - b1) * g
+            state["v"] = b2 * state.get("v", 0) + (1 - b2) * g * g
+            m_hat, v_hat = state["m"] / (1 - b1 ** t), state["v"] / (1 - b2 ** t)
+            p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+CONFIGS = [
+    ("sgd", {}), ("sgd", {"momentum": 0.9}), ("sgd", {"momentum": 0.9, "nesterov": True}),
+    ("sgd", {"momentum": 0.8, "dampening": 0.3, "weight_decay": 1e-2}),
+    ("sgd", {"momentum": 0.9, "nesterov": True, "weight_decay": 5e-3}),
+    ("adam", {}), ("adam", {"weight_decay": 1e-2, "betas": (0.8, 0.99)}),
+    ("adamw", {"weight_decay": 0.1}),
+]
+
+
+def make(kind, params, lr, kw):
+    cls = {"sgd": optim.SGD, "adam": optim.Adam, "adamw": optim.AdamW}[kind]
+    return cls(params, lr=lr, **kw)
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS)
+def test_matches_the_update_rule(device, on, rng, kind, kw):
+    model = L.mlp([4, 3, 2], dtype=np.float64, rng=rng).to(device)
+    start = [to_numpy(p.data).copy() for p in model.parameters()]
+    grads = [[rng.standard_normal(p.shape) for p in model.parameters()] for _ in range(5)]
+    opt = make(kind, model.parameters(), 0.05, kw)
+    for step_grads in grads:
+        for p, g in zip(model.parameters(), step_grads):
+            p.grad[...] = on(g)
+        opt.step()
+    for i, p in enumerate(model.parameters()):
+        expected = reference_trajectory(kind, start[i], [g[i] for g in grads], 0.05, **kw)
+        np.testing.assert_allclose(to_numpy(p.data), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS)
+def test_matches_torch(rng, kind, kw):
+    torch = pytest.importorskip("torch")
+    p0 = rng.standard_normal((5, 3))
+    grads = [rng.standard_normal((5, 3)) for _ in range(4)]
+    tp = torch.nn.Parameter(torch.tensor(p0))
+    topt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]([tp], lr=0.05, **kw)
+    dense = L.Dense(5, 3, bias=False, dtype=np.float64)
+    dense.weight.data[...] = p0
+    opt = make(kind, dense.parameters(), 0.05, kw)
+    for g in grads:
+        tp.grad = torch.tensor(g)
+        topt.step()
+        dense.weight.grad[...] = g
+        opt.step()
+    np.testing.assert_allclose(dense.weight.data, tp.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_parameters_become_views_of_one_flat_buffer(rng):
+    model = L.mlp([4, 3, 2], rng=rng)
+    before = [p.data.copy() for p in model.parameters()]
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    assert opt.data.shape == (4 * 3 + 3 + 3 * 2 + 2,)
+    for p, b in zip(model.parameters(), before):
+        assert np.shares_memory(p.data, opt.data) and np.shares_memory(p.grad, opt.grad)
+        np.testing.assert_array_equal(p.data, b)
+
+
+@pytest.mark.parametrize("kind,kw", CONFIGS)
+def test_step_allocates_no_parameter_sized_arrays(rng, kind, kw):
+    model = L.mlp([256, 256, 10], rng=rng)
+    opt = make(kind, model.parameters(), 0.01, kw)
+    for p in model.parameters():
+        p.grad[...] = 1.0
+    opt.step()
+    opt.step()  # the first step may set up state; later ones must not allocate
+    tracemalloc.start()
+    opt.step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < opt.data.nbytes / 10, f"step allocated {peak} bytes"
+
+
+def test_replaced_parameter_is_detected(rng):
+    model = L.mlp([3, 2], rng=rng)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    model.to(dtype=np.float32)  # rebinds .data
+    with pytest.raises(RuntimeError, match="replaced after the optimizer was built"):
+        opt.step()
+
+
+def test_state_dict_resumes_exactly(rng):
+    def run(split):
+        model = L.mlp([4, 3, 2], dtype=np.float64, rng=np.random.default_rng(0))
+        opt = optim.Adam(model.parameters(), lr=0.01)
+        grads = np.random.default_rng(1).standard_normal((6, opt.data.size))
+        for i, g in enumerate(grads):
+            if i == split:
+                state = opt.state_dict()
+                opt = optim.Adam(model.parameters(), lr=0.5)
+                opt.load_state_dict(state)
+            opt.grad[...] = g
+            opt.step()
+        return opt.data.copy()
+    np.testing.assert_array_equal(run(split=None), run(split=3))
+
+
+def test_state_dict_mismatch(rng):
+    a = optim.SGD(L.mlp([4, 3]).parameters(), lr=0.1, momentum=0.9)
+    b = optim.SGD(L.mlp([4, 5]).parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match=r"'momentum_buffer' has shape \(15,\) but the parameters need \(25,\)"):
+        b.load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="lacks"):
+        optim.Adam(L.mlp([4, 3]).parameters()).load_state_dict(a.state_dict())
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(lr=0.0), "lr must be a finite number > 0, got 0.0"),
+    (dict(lr=float("nan")), "lr must be a finite number > 0, got nan"),
+    (dict(lr=-1), "lr must be"),
+    (dict(lr=0.1, momentum=-0.5), "momentum must be a finite number >= 0"),
+    (dict(lr=0.1, nesterov=True), "nesterov momentum needs momentum > 0"),
+    (dict(lr=0.1, weight_decay=float("inf")), "weight_decay must be"),
+])
+def test_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        optim.SGD(L.mlp([2, 2]).parameters(), **kwargs)
+
+
+def test_bad_parameter_lists():
+    with pytest.raises(ValueError, match="empty parameter list"):
+        optim.SGD([], lr=0.1)
+    with pytest.raises(TypeError, match=r"Parameter objects \(model.parameters\(\)\), got ndarray"):
+        optim.SGD([np.zeros(3)], lr=0.1)
+    with pytest.raises(ValueError, match="betas must be two numbers"):
+        optim.Adam(L.mlp([2, 2]).parameters(), betas=(0.9, 1.0))
+
+
+def test_schedules():
+    def lrs(make_schedule, steps):
+        opt = optim.SGD(L.mlp([2, 2]).parameters(), lr=1.0)
+        sched = make_schedule(opt)
+        out = [opt.lr]
+        for _ in range(steps):
+            sched.step()
+            out.append(opt.lr)
+        return out
+
+    assert lrs(lambda o: optim.StepLR(o, step_size=2, gamma=0.5), 5) == [1, 1, 0.5, 0.5, 0.25, 0.25]
+    cosine = lrs(lambda o: optim.CosineAnnealingLR(o, T_max=4, eta_min=0.1), 6)
+    np.testing.assert_allclose(cosine, [0.1 + 0.9 * (1 + math.cos(math.pi * min(i, 4) / 4)) / 2
+                                        for i in range(7)])
+    assert lrs(lambda o: optim.ConstantLR(o, warmup_steps=4), 5) == [0.25, 0.5, 0.75, 1, 1, 1]
+    warm_cosine = lrs(lambda o: optim.CosineAnnealingLR(o, T_max=2, warmup_steps=2), 4)
+    np.testing.assert_allclose(warm_cosine, [0.5, 1, 1, 0.5, 0], atol=1e-15)
+
+
+def test_schedule_resumes_from_state_dict():
+    opt = optim.SGD(L.mlp([2, 2]).parameters(), lr=1.0)
+    sched = optim.CosineAnnealingLR(opt, T_max=10, warmup_steps=2)
+    for _ in range(5):
+        sched.step()
+    other_opt = optim.SGD(L.mlp([2, 2]).parameters(), lr=1.0)
+    other = optim.CosineAnnealingLR(other_opt, T_max=10, warmup_steps=2)
+    other.load_state_dict(sched.state_dict())
+    assert other_opt.lr == opt.lr
+    with pytest.raises(ValueError, match="T_max must be a positive int"):
+        optim.CosineAnnealingLR(opt, T_max=0)
