@@ -213,6 +213,17 @@ def to_device(x, device: str | Device):
         return cupy.asarray(x)
 
 
+def take_rows(x, indices, out):
+    """``out[:] = x[indices]`` without a temporary: the training step's batch gather.
+
+    numpy buffers ``take(..., out=)`` in its default mode="raise"; the indices come from a
+    permutation and are always in range, so mode="clip" lets it write straight into ``out``.
+    """
+    if is_cuda_array(x):
+        return sys.modules["cupy"].take(x, indices, axis=0, out=out)
+    return np.take(x, indices, axis=0, out=out, mode="clip")
+
+
 _rng = np.random.default_rng()
 
 

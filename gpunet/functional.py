@@ -31,7 +31,7 @@ REDUCTIONS = ("mean", "sum", "none")
 def is_float_dtype(dtype) -> bool:
     """True for float16/32/64 and bfloat16 (ml_dtypes), the dtypes gpunet computes in."""
     dtype = np.dtype(dtype)
-    return dtype.kind == "f" or dtype.name == "bfloat16"
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.name == "bfloat16")
 
 
 def accumulation_dtype(dtype):
@@ -98,7 +98,11 @@ def log_softmax(x, axis: int = -1):
 
 def _finite_max(xp, x, axis):
     # A row max of ±inf would turn x - max into nan; shifting by 0 instead keeps the exact answer.
-    m = x.max(axis=axis, keepdims=True)
+    if x.ndim == 2 and axis in (1, -1):
+        # numpy's max along a short last axis is several times slower than argmax and a gather.
+        m = x[xp.arange(x.shape[0]), x.argmax(axis=1)][:, None]
+    else:
+        m = x.max(axis=axis, keepdims=True)
     return xp.where(xp.isfinite(m), m, 0)
 
 
@@ -175,6 +179,20 @@ def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int
     return plan.grad(plan.lse(), grad_output)
 
 
+def softmax_cross_entropy_with_grad(logits, target, *, weight=None, ignore_index: int = -100,
+                                    label_smoothing: float = 0.0, reduction: str = "mean",
+                                    validate: bool = True):
+    """(loss, d loss / d logits) in a single pass over the logits: the training step's call.
+
+    On cupy arrays with class-index targets one kernel launch reads the logits once and writes
+    the gradient once. ``validate=False`` skips the argument checks (whose label range check
+    synchronises with a GPU); pass it only for targets checked beforehand.
+    """
+    plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction,
+                             validate=validate)
+    return plan.loss_and_grad()
+
+
 class _CrossEntropyPlan:
     """The checked arguments of one cross-entropy call and its per-row coefficients.
 
@@ -195,21 +213,27 @@ class _CrossEntropyPlan:
         self._rows = None
 
     def lse(self):
-        return logsumexp(self.logits, axis=1).astype(self.acc, copy=False)
+        """Each row's log-sum-exp, in the accumulation dtype: all that backward needs to keep."""
+        return logsumexp(self.logits.astype(self.acc, copy=False), axis=1)
 
     def rows(self):
-        """Per-row (coef, A, valid, denominator) for class-index targets, computed once."""
+        """Per-row (t_safe, coef, A, valid, 1/denominator) for class-index targets, computed once.
+
+        coef_i = (1-ε) w_t and A_i = sum_c a_ic, both 0 on ignored rows; the denominator of
+        "mean" is the summed w_t of the kept rows (and its "reciprocal" is 0 when it is 0).
+        """
         if self._rows is None:
-            xp, acc, t = self.xp, self.acc, self.target
-            n, c = self.logits.shape
+            xp, acc, t, n_classes = self.xp, self.acc, self.target, self.logits.shape[1]
             valid = t != self.ignore_index
             t_safe = xp.where(valid, t, 0)
-            w_t = valid.astype(acc) if self.weight is None else \
-                self.weight.astype(acc, copy=False)[t_safe] * valid
-            w_sum = c if self.weight is None else self.weight.astype(acc, copy=False).sum()
-            coef = (1.0 - self.eps) * w_t
-            big_a = coef + (self.eps / c) * w_sum * valid
-            self._rows = (t_safe, coef, big_a, valid, w_t.sum())
+            if self.weight is None:
+                w_t, w_sum = valid.astype(acc), n_classes
+            else:
+                w = self.weight.astype(acc, copy=False)
+                w_t, w_sum = w[t_safe] * valid, w.sum()
+            coef = w_t if self.eps == 0 else (1.0 - self.eps) * w_t
+            big_a = coef if self.eps == 0 else coef + (self.eps / n_classes) * w_sum * valid
+            self._rows = (t_safe, coef, big_a, valid, _reciprocal_or_zero(xp, w_t.sum()))
         return self._rows
 
     def smoothing_weights(self):
@@ -229,29 +253,25 @@ class _CrossEntropyPlan:
 
     def loss(self, lse):
         xp, x = self.xp, self.logits.astype(self.acc, copy=False)
-        n = x.shape[0]
         if self.probability_target:
             per_row = (self.coefficients() * (lse[:, None] - x)).sum(axis=1)
-            denominator = n
+            inverse = _reciprocal_or_zero(xp, x.shape[0])
         else:
-            t_safe, coef, _, valid, denominator = self.rows()
-            nll = lse - xp.take_along_axis(x, t_safe[:, None], axis=1)[:, 0]
-            per_row = coef * xp.where(valid, nll, 0)
+            t_safe, coef, _, valid, inverse = self.rows()
+            nll = lse - x[xp.arange(x.shape[0]), t_safe]
+            per_row = coef * xp.where(valid, nll, 0)  # where, not *: nll may be inf on ignored rows
             if self.eps:
                 smooth = (self.smoothing_weights() * (lse[:, None] - x)).sum(axis=1)
-                per_row = per_row + xp.where(valid, smooth, 0)
-        return self._reduce(xp, per_row, denominator).astype(self.logits.dtype)
-
-    def _reduce(self, xp, per_row, denominator):
+                per_row += xp.where(valid, smooth, 0)
         if self.reduction == "none":
-            return per_row
+            return per_row.astype(self.logits.dtype, copy=False)
         total = per_row.sum()
-        if self.reduction == "sum":
-            return total
-        return _safe_divide(xp, total, denominator)
+        if self.reduction == "mean":
+            total = total * inverse
+        return xp.asarray(total, dtype=self.logits.dtype)  # numpy sums give scalars, not 0-d arrays
 
     def row_scale(self, grad_output):
-        """scale_i: the reduction's factor times the upstream gradient, per row."""
+        """scale_i: the reduction's factor times the upstream gradient, per row (or a scalar)."""
         xp, n = self.xp, self.logits.shape[0]
         g = grad_output if hasattr(grad_output, "dtype") else np.asarray(grad_output)
         if self.reduction == "none":
@@ -263,51 +283,80 @@ class _CrossEntropyPlan:
                              f"got shape {g.shape}")
         g = xp.asarray(g, dtype=self.acc)
         if self.reduction == "mean":
-            denominator = n if self.probability_target else self.rows()[4]
-            g = _safe_divide(xp, g, denominator)
-        return xp.broadcast_to(g, (n,))
+            g = g * (_reciprocal_or_zero(xp, n) if self.probability_target else self.rows()[4])
+        return g
 
     def grad(self, lse, grad_output=1.0):
-        xp, x = self.xp, self.logits
-        scale = self.row_scale(grad_output)
+        """The gradient, rebuilding p = exp(x - lse) from the kept log-sum-exp."""
+        xp, x, scale = self.xp, self.logits, self.row_scale(grad_output)
         if self.probability_target:
             a = self.coefficients()
             p = xp.exp(x.astype(self.acc, copy=False) - lse[:, None])
-            dx = scale[:, None] * (a.sum(axis=1, keepdims=True) * p - a)
+            dx = scale[..., None] * (a.sum(axis=1, keepdims=True) * p - a)
             return dx.astype(x.dtype, copy=False)
-        t_safe, coef, big_a, valid, _ = self.rows()
-        scale = scale * valid  # ignored rows get exactly zero gradient
-        smooth = self.smoothing_weights()
+        args = self._kernel_arguments(scale)
         if is_cuda_array(x):
             from . import cuda_kernels
-            return cuda_kernels.cross_entropy_grad(x, lse, t_safe, scale * big_a, scale * coef,
-                                                   scale, smooth)
-        return cross_entropy_grad_reference(x, lse, t_safe, scale * big_a, scale * coef, scale,
-                                            smooth)
+            return cuda_kernels.cross_entropy_grad(x, lse, *args)
+        return cross_entropy_grad_reference(x, lse, *args)
+
+    def _kernel_arguments(self, scale):
+        """(t, alpha, beta, gamma, smooth) of the gradient formula, scale folded in."""
+        t_safe, coef, big_a, valid, _ = self.rows()
+        gamma = scale * valid  # ignored rows get exactly zero gradient
+        return t_safe, gamma * big_a, gamma * coef, gamma, self.smoothing_weights() if self.eps else None
+
+    def loss_and_grad(self, grad_output=1.0):
+        """(loss, gradient) computing exp(x - max) once for both."""
+        xp, x = self.xp, self.logits
+        if not self.probability_target and is_cuda_array(x):
+            from . import cuda_kernels
+            return cuda_kernels.cross_entropy_loss_and_grad(self, grad_output)
+        if self.probability_target:
+            lse = self.lse()
+            return self.loss(lse), self.grad(lse, grad_output)
+        xa = x.astype(self.acc)  # a copy, which becomes the gradient in place
+        m = _finite_max(xp, xa, axis=1)
+        xa -= m
+        xp.exp(xa, out=xa)
+        total = xa.sum(axis=1, keepdims=True)
+        with np.errstate(divide="ignore"):
+            lse = (xp.log(total) + m)[:, 0]
+        xa /= total
+        loss = self.loss(lse)
+        return loss, _apply_grad(xa, *self._kernel_arguments(self.row_scale(grad_output))
+                                 ).astype(x.dtype, copy=False)
 
 
 def cross_entropy_grad_reference(x, lse, t, alpha, beta, gamma, smooth):
     """dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c,  p_ic = exp(x_ic - lse_i).
 
     The vectorised twin of the CUDA kernel ``cuda_kernels.cross_entropy_grad``: same formula,
-    same argument order. alpha = scale·A, beta = scale·coef and gamma = scale are per row.
+    same arguments. alpha = scale·A, beta = scale·coef and gamma = scale, per row (or scalars);
+    smooth is (C,) or None when there is no label smoothing.
     """
     xp = get_array_module(x)
-    acc = lse.dtype
-    dx = xp.exp(x.astype(acc, copy=False) - lse[:, None])
-    dx *= alpha[:, None]
-    rows = xp.arange(x.shape[0])
-    dx[rows, t] -= beta
-    if smooth.any():
-        dx -= gamma[:, None] * smooth[None, :]
-    return dx.astype(x.dtype, copy=False)
+    p = xp.exp(x.astype(lse.dtype) - lse[:, None])
+    return _apply_grad(p, t, alpha, beta, gamma, smooth).astype(x.dtype, copy=False)
 
 
-def _safe_divide(xp, numerator, denominator):
-    """numerator / denominator, and 0 where the denominator is 0 (nothing to average)."""
-    denominator = xp.asarray(denominator, dtype=numerator.dtype)
+def _apply_grad(p, t, alpha, beta, gamma, smooth):
+    """Turn probabilities p into the gradient, in place (see cross_entropy_grad_reference)."""
+    xp = get_array_module(p)
+    p *= alpha[..., None]
+    rows = xp.arange(p.shape[0])
+    p[rows, t] -= beta
+    if smooth is not None:
+        p -= gamma[..., None] * smooth
+    return p
+
+
+def _reciprocal_or_zero(xp, denominator):
+    """1 / denominator, or 0 when it is 0: a mean over nothing is 0, with a zero gradient."""
+    if isinstance(denominator, int):
+        return 1.0 / denominator if denominator else 0.0
     nonzero = denominator != 0
-    return xp.where(nonzero, numerator / xp.where(nonzero, denominator, 1), 0)
+    return xp.where(nonzero, 1 / xp.where(nonzero, denominator, 1), 0)
 
 
 def check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothing, reduction):

@@ -199,18 +199,32 @@ class Dense(Module):
 
 
 class ReLU(Module):
-    """max(x, 0). Its derivative at exactly 0 is taken as 0, as in PyTorch."""
+    """max(x, 0). Its derivative at exactly 0 is taken as 0, as in PyTorch.
+
+    ``inplace=True`` overwrites the input in forward and the upstream gradient in backward,
+    saving two passes and two allocations per step; ``mlp`` uses it, since the Dense layer
+    before it does not keep its output.
+    """
+
+    def __init__(self, inplace: bool = False):
+        self.inplace = inplace
 
     def forward(self, x):
         xp = get_array_module(x)
-        y = xp.maximum(x, 0)
+        y = xp.maximum(x, 0, out=x if self.inplace else None)
         self._save(y=y)
         return y
 
     def backward(self, dy, input_grad: bool = True):
         y = self._saved("y")
         _check_grad_shape(self, y, dy)
-        return get_array_module(y, dy).where(y > 0, dy, 0) if input_grad else None
+        if not input_grad:
+            return None
+        # A multiply by the mask is several times faster in numpy than where(y > 0, dy, 0).
+        return get_array_module(y, dy).multiply(dy, y > 0, out=dy if self.inplace else None)
+
+    def __repr__(self) -> str:
+        return "ReLU(inplace=True)" if self.inplace else "ReLU()"
 
 
 class Sigmoid(Module):
@@ -321,5 +335,5 @@ def mlp(sizes, activation: str = "relu", *, dtype=np.float32, rng=None) -> Seque
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(Dense(fan_in, fan_out, init=init, dtype=dtype, rng=rng))
         if i < len(sizes) - 2:
-            layers.append(ACTIVATIONS[activation]())
+            layers.append(ReLU(inplace=True) if activation == "relu" else ACTIVATIONS[activation]())
     return Sequential(*layers)

@@ -51,21 +51,20 @@ class SoftmaxCrossEntropy(Loss):
         return self._plan.loss(self._lse)
 
     def backward(self, grad_output=1.0):
-        return self._saved().grad(self._lse, grad_output)
+        plan = self._saved()
+        if self._lse is None:  # after forward_backward, which keeps no log-sum-exp
+            self._lse = plan.lse()
+        return plan.grad(self._lse, grad_output)
 
     def forward_backward(self, logits, target, *, validate: bool = True):
-        """(loss, d loss / d logits) in one pass: the training step's call.
+        """(loss, d loss / d logits) in one pass over the logits: the training step's call.
 
         ``validate=False`` skips the argument checks, whose label range check costs a device
         synchronisation on a GPU; pass it only for targets checked once beforehand.
         """
-        plan = self._make_plan(logits, target, validate=validate)
-        if validate is False and not plan.probability_target and get_array_module(logits) is not np:
-            from . import cuda_kernels
-            return cuda_kernels.cross_entropy_forward_backward(plan)
-        lse = plan.lse()
-        self._plan, self._lse = plan, lse
-        return plan.loss(lse), plan.grad(lse)
+        self._plan = self._make_plan(logits, target, validate=validate)
+        self._lse = None
+        return self._plan.loss_and_grad()
 
     def __repr__(self) -> str:
         return (f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing}, "
