@@ -213,6 +213,18 @@ def to_device(x, device: str | Device):
         return cupy.asarray(x)
 
 
+def resolve_dtype(name):
+    """A numpy dtype from a name; "bfloat16" comes from ml_dtypes, which CuPy 14 also uses."""
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError:
+        raise ValueError("dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes), "
+                         "and on a GPU CuPy 14 or later") from None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def take_rows(x, indices, out):
     """``out[:] = x[indices]`` without a temporary: the training step's batch gather.
 

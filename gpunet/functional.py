@@ -359,6 +359,44 @@ def _reciprocal_or_zero(xp, denominator):
     return xp.where(nonzero, 1 / xp.where(nonzero, denominator, 1), 0)
 
 
+# --- the other fused pieces of a training step ---------------------------------------------------
+#
+# Each has a CUDA kernel as its fast path on cupy arrays and runs the same formula in numpy.
+
+def bias_relu_(y, b):
+    """y = max(y + b, 0), in place: a Dense layer's bias and ReLU in one pass (one launch)."""
+    if is_cuda_array(y):
+        from . import cuda_kernels
+        return cuda_kernels.bias_relu_(y, b)
+    y += b
+    return np.maximum(y, 0, out=y)
+
+
+def relu_backward(dy, y, bias_grad=None):
+    """dy * (y > 0), the gradient through a ReLU whose output was y; with ``bias_grad`` given,
+    also writes the column sums into it (the bias gradient of the layer before), in one launch."""
+    if is_cuda_array(y):
+        from . import cuda_kernels
+        out = get_array_module(y).empty_like(y)
+        return cuda_kernels.relu_backward(dy, y, out, bias_grad)
+    dz = np.multiply(dy, y > 0)  # several times faster in numpy than where(y > 0, dy, 0)
+    if bias_grad is not None:
+        dz.sum(axis=0, out=bias_grad)
+    return dz
+
+
+def count_correct(logits, labels, out=None):
+    """The number of rows whose argmax is the label, as a device scalar (added to ``out``)."""
+    xp = get_array_module(logits, labels)
+    if out is None:
+        out = xp.zeros((), dtype=np.uint64)
+    if is_cuda_array(logits):
+        from . import cuda_kernels
+        return cuda_kernels.count_correct(logits, labels, out)
+    out += np.uint64(np.count_nonzero(logits.argmax(axis=1) == labels))
+    return out
+
+
 def check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothing, reduction):
     """Raise ValueError/TypeError for any argument the cross-entropy cannot take.
 

@@ -56,15 +56,17 @@ class SoftmaxCrossEntropy(Loss):
             self._lse = plan.lse()
         return plan.grad(self._lse, grad_output)
 
-    def forward_backward(self, logits, target, *, validate: bool = True):
-        """(loss, d loss / d logits) in one pass over the logits: the training step's call.
+    def forward_backward(self, logits, target, *, grad_output=1.0, validate: bool = True):
+        """(loss, grad_output * d loss / d logits) in one pass over the logits: the training
+        step's call (a single kernel launch on a GPU).
 
+        ``grad_output`` scales the gradient only (mixed precision uses it as the loss scale).
         ``validate=False`` skips the argument checks, whose label range check costs a device
         synchronisation on a GPU; pass it only for targets checked once beforehand.
         """
         self._plan = self._make_plan(logits, target, validate=validate)
         self._lse = None
-        return self._plan.loss_and_grad()
+        return self._plan.loss_and_grad(grad_output)
 
     def __repr__(self) -> str:
         return (f"SoftmaxCrossEntropy(label_smoothing={self.label_smoothing}, "

@@ -22,9 +22,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import checkpoint, layers, losses, optim
-from .backend import get_array_module, get_device, manual_seed, take_rows, to_device, to_numpy
+from .backend import (get_array_module, get_device, manual_seed, resolve_dtype, take_rows,
+                      to_device, to_numpy)
 from .datasets import load_mnist
-from .functional import softmax_cross_entropy
+from .functional import count_correct, softmax_cross_entropy
 
 NUM_CLASSES = 10
 
@@ -53,7 +54,7 @@ class TrainConfig:
     seed: int = 0
     data_dir: str | None = None
     val_size: int = 5000
-    dtype: str = "float32"
+    dtype: str = "float32"  # float16/bfloat16: mixed precision with float32 master weights
     save: str | None = None
     resume: str | None = None
     metrics_json: str | None = None
@@ -108,7 +109,10 @@ class TrainConfig:
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
-DTYPES = ("float32", "float64")
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+# float16 gradients of (p - y) / N underflow below 6e-8; the loss is scaled up by this much for
+# the backward pass and the gradients scaled back in float32 (bfloat16 has float32's range).
+FLOAT16_LOSS_SCALE = 1024.0
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -168,7 +172,11 @@ class Trainer:
     def __init__(self, config: TrainConfig, data: DeviceData | None = None, *, out=sys.stdout):
         self.config, self.out = config, out
         self.device = get_device(config.device)
-        self.dtype = np.dtype(config.dtype)
+        # The data and the products run in `dtype`; parameters (the optimizer's master copies)
+        # stay float32 under mixed precision.
+        self.dtype = resolve_dtype(config.dtype)
+        self.param_dtype = np.float64 if self.dtype == np.float64 else np.float32
+        self.loss_scale = FLOAT16_LOSS_SCALE if self.dtype == np.float16 else 1.0
         for path, what in ((config.save, "--save"), (config.metrics_json, "--metrics-json")):
             if path:
                 checkpoint.check_writable(path, what)
@@ -184,8 +192,10 @@ class Trainer:
         manual_seed(config.seed)
         in_features = int(np.prod(data.x_train.shape[1:]))
         with self.device.scope():
+            mixed = self.dtype != self.param_dtype
             self.model = layers.mlp([in_features, *config.hidden, NUM_CLASSES], config.activation,
-                                    dtype=self.dtype).to(self.device)
+                                    dtype=self.param_dtype,
+                                    compute_dtype=self.dtype if mixed else None).to(self.device)
             self.loss_fn = losses.SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
             self.optimizer = make_optimizer(config, self.model.parameters())
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
@@ -223,8 +233,11 @@ class Trainer:
             logits = self.model.forward(x)
             # Labels were checked once when the data was loaded; checking them again here would
             # cost a device synchronisation per step on a GPU.
-            loss, grad = self.loss_fn.forward_backward(logits, y, validate=False)
+            loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,
+                                                       validate=False)
             self.model.backward(grad, input_grad=False)
+            if self.loss_scale != 1.0:
+                self.optimizer.grad *= 1.0 / self.loss_scale
             self.optimizer.step()
             self.scheduler.step()
 
@@ -251,12 +264,12 @@ class Trainer:
         xp = get_array_module(x)
         self.model.eval()
         loss_sum = xp.zeros((), dtype=np.float64)
-        correct = xp.zeros((), dtype=np.int64)
+        correct = xp.zeros((), dtype=np.uint64)
         for start in range(0, len(y), self.config.eval_batch_size):
             xb, yb = x[start:start + self.config.eval_batch_size], y[start:start + self.config.eval_batch_size]
             logits = self.model.forward(xb)
             loss_sum += softmax_cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(axis=1) == yb).sum()
+            count_correct(logits, yb, out=correct)
         self.model.train()
         n = max(len(y), 1)
         return float(loss_sum) / n, int(correct) / n
