@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--metrics-json", metavar="PATH", help="write the run's metrics as JSON at the end")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="no progress bar (it is off anyway when stdout is not a terminal)")
+    add("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
+        help="on a GPU, launch each kernel eagerly instead of replaying a captured CUDA graph")
     return p
 
 

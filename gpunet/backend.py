@@ -225,6 +225,15 @@ def resolve_dtype(name):
     return np.dtype(ml_dtypes.bfloat16)
 
 
+def matmul(a, b, out=None):
+    """a @ b. On a GPU it goes through gpunet's cuBLAS call while a CUDA graph is being captured
+    (CuPy's own matmul refuses to be captured; see cuda_kernels.matmul)."""
+    if is_cuda_array(a):
+        from . import cuda_kernels
+        return cuda_kernels.matmul(a, b, out=out)
+    return np.matmul(a, b, out=out)
+
+
 def take_rows(x, indices, out):
     """``out[:] = x[indices]`` without a temporary: the training step's batch gather.
 

@@ -633,28 +633,29 @@ template <typename S> __device__ __forceinline__ void adam_one(
     p -= lr / bc1 * m / (sqrt(v) / bc2_sqrt + eps);
 }
 
-// Eager steps pass the learning rate and step count by value; a captured CUDA graph passes a
-// device step counter and a per-epoch table of learning rates, so that replays need no host.
+// Eager steps pass the learning rate and the step count by value. A captured CUDA graph passes
+// `counters` = {optimizer steps taken so far, batch index in this epoch} on the device and a
+// per-epoch table of learning rates indexed by the batch, so that replays need nothing from the
+// host: that is how a schedule changes the rate without a re-capture.
 template <typename S> __global__ void sgd(
-        S* p, const S* g, S* buf, long long n, S lr, const S* lr_table, const long long* step,
-        S momentum, S dampening, S weight_decay, bool nesterov, long long first_step) {
-    long long t = step ? *step : first_step;
-    S rate = lr_table ? lr_table[t] : lr;
-    bool first = step ? t == 0 : first_step != 0;
+        S* p, const S* g, S* buf, long long n, S lr, const S* lr_table, const long long* counters,
+        long long steps_taken, S momentum, S dampening, S weight_decay, bool nesterov) {
+    const long long t = counters ? counters[0] : steps_taken;
+    const S rate = counters ? lr_table[counters[1]] : lr;
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         S pi = p[i], bi = buf[i];
-        sgd_one(pi, g[i], bi, rate, momentum, dampening, weight_decay, nesterov, first);
+        sgd_one(pi, g[i], bi, rate, momentum, dampening, weight_decay, nesterov, t == 0);
         p[i] = pi; buf[i] = bi;
     }
 }
 
 template <typename S> __global__ void adam(
-        S* p, const S* g, S* m, S* v, long long n, S lr, const S* lr_table, const long long* step,
-        long long step_count, S b1, S b2, S eps, S weight_decay, bool decoupled) {
-    long long t = step ? *step + 1 : step_count;  // Adam counts steps from 1
-    S rate = lr_table ? lr_table[t - 1] : lr;
-    S bc1 = 1 - pow(b1, (S)t), bc2_sqrt = sqrt(1 - pow(b2, (S)t));
+        S* p, const S* g, S* m, S* v, long long n, S lr, const S* lr_table, const long long* counters,
+        long long steps_taken, S b1, S b2, S eps, S weight_decay, bool decoupled) {
+    const long long t = (counters ? counters[0] : steps_taken) + 1;  // Adam counts from 1
+    const S rate = counters ? lr_table[counters[1]] : lr;
+    const S bc1 = 1 - pow(b1, (S)t), bc2_sqrt = sqrt(1 - pow(b2, (S)t));
     for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
          i += (long long)gridDim.x * blockDim.x) {
         S pi = p[i], mi = m[i], vi = v[i];
@@ -678,11 +679,12 @@ def _launch_shape(n: int, device_id: int):
     return (max(1, min(-(-n // threads), 8 * _multiprocessors(device_id))),), (threads,)
 
 
-def optimizer_update(opt, lr_table=None, step=None) -> None:
+def optimizer_update(opt, lr_table=None, counters=None) -> None:
     """One fused update of every parameter of ``opt`` (an SGD or Adam), in place.
 
-    With ``lr_table`` and ``step`` (device arrays) the kernel reads the learning rate and the step
-    count on the device: that is how a captured CUDA graph follows a schedule without re-capture.
+    Eagerly (the default) the learning rate and step count come from ``opt``, whose ``step()``
+    has already counted this step. With ``lr_table`` and ``counters`` (device arrays, see the
+    kernel source) they are read on the device, as a captured CUDA graph needs.
     """
     from .optim import SGD, Adam
 
@@ -693,18 +695,135 @@ def optimizer_update(opt, lr_table=None, step=None) -> None:
     name = "float" if p.dtype == np.float32 else "double"
     grid, block = _launch_shape(p.size, p.device.id)
     table = _NULL if lr_table is None else lr_table
-    counter = _NULL if step is None else step
+    device_counters = _NULL if counters is None else counters
+    steps_taken = np.int64(opt.step_count - 1)  # step() counted this one already
     if isinstance(opt, SGD):
         buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
         _optim_module().get_function(f"sgd<{name}>")(grid, block, (
-            p, g, buf, np.int64(p.size), scalar(opt.lr), table, counter, scalar(opt.momentum),
-            scalar(opt.dampening), scalar(opt.weight_decay), np.bool_(opt.nesterov),
-            np.int64(opt.step_count == 1)))
+            p, g, buf, np.int64(p.size), scalar(opt.lr), table, device_counters, steps_taken,
+            scalar(opt.momentum), scalar(opt.dampening), scalar(opt.weight_decay),
+            np.bool_(opt.nesterov)))
     elif isinstance(opt, Adam):
         b1, b2 = opt.betas
         _optim_module().get_function(f"adam<{name}>")(grid, block, (
             p, g, opt.state["exp_avg"], opt.state["exp_avg_sq"], np.int64(p.size), scalar(opt.lr),
-            table, counter, np.int64(opt.step_count), scalar(b1), scalar(b2), scalar(opt.eps),
+            table, device_counters, steps_taken, scalar(b1), scalar(b2), scalar(opt.eps),
             scalar(opt.weight_decay), np.bool_(opt.decoupled)))
     else:  # an optimizer of the user's own: its NumPy-style update runs on cupy as well
         opt._update()
+
+
+# --- pieces of a captured training step -------------------------------------------------------------
+
+STEP_SOURCE = _PRELUDE + r"""
+// xb[r] = x[order[batch * batch_size + r]] (and the labels), with the batch index read on the
+// device, so that a captured graph gathers a different batch at every replay.
+template <typename R> __global__ void gather_batch(
+        const R* x, const long long* y, const long long* order, const long long* counters,
+        R* xb, long long* yb, long long rows, long long features, long long batch_size) {
+    const long long first = counters[1] * batch_size;
+    for (long long e = blockIdx.x * (long long)blockDim.x + threadIdx.x; e < rows * features;
+         e += (long long)gridDim.x * blockDim.x) {
+        long long r = e / features, f = e - r * features;
+        long long source = order[first + r];
+        xb[e] = x[source * features + f];
+        if (f == 0) yb[r] = y[source];
+    }
+}
+
+// losses[batch] = loss, then both counters move on: the last kernel of every step.
+template <int KIND> __global__ void finish_step(
+        const typename Types<KIND>::raw* loss, double* losses, long long* counters) {
+    losses[counters[1]] = (double)load<KIND>(loss, 0);
+    counters[0] += 1;
+    counters[1] += 1;
+}
+"""
+STEP_ENTRIES = (["gather_batch<float>", "gather_batch<double>", "gather_batch<unsigned short>"]
+                + [f"finish_step<{k}>" for k in range(4)])
+_RAW_NAME = {4: "float", 8: "double", 2: "unsigned short"}
+
+
+@functools.cache
+def _step_module():
+    return cupy.RawModule(code=STEP_SOURCE, options=("-std=c++17",), name_expressions=STEP_ENTRIES)
+
+
+def gather_batch(x, y, order, counters, xb, yb, batch_size: int) -> None:
+    """xb, yb = the rows of (x, y) that batch ``counters[1]`` of ``order`` names."""
+    rows, features = xb.shape
+    grid, block = _launch_shape(rows * features, x.device.id)
+    kernel = _step_module().get_function(f"gather_batch<{_RAW_NAME[x.itemsize]}>")
+    kernel(grid, block, (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features),
+                         np.int64(batch_size)))
+
+
+def finish_step(loss, losses, counters) -> None:
+    _step_module().get_function(f"finish_step<{_kind(loss.dtype)}>")((1,), (1,), (loss, losses, counters))
+
+
+# --- matrix products that a CUDA graph can capture --------------------------------------------------
+#
+# CuPy refuses cuBLAS calls while a stream is being captured (cupy issue 6290), because some
+# cuBLAS routines synchronise or allocate. A plain GEMM does neither once cuBLAS has a workspace
+# of its own (cublasSetWorkspace) and reads alpha and beta from host memory at capture time,
+# which is what the NVIDIA documentation asks for graph capture. So, while capturing, gpunet
+# calls cuBLAS itself through CuPy's low-level binding, on the capturing stream; outside a capture
+# it uses cupy.matmul. We chose this over GEMM kernels of our own: cuBLAS is faster on every
+# shape, and the same library computes both the eager and the captured products.
+
+_WORKSPACE_BYTES = 32 << 20
+_ONE = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
+_ZERO = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
+_CUDA_DATA_TYPE = {np.dtype(np.float16): 2}  # CUDA_R_16F; bfloat16 (CUDA_R_16BF) is 14
+_CUBLAS_COMPUTE_32F = 68
+
+
+@functools.cache
+def _cublas_handle(device_id: int):
+    """CuPy's cuBLAS handle for the device, given a workspace that outlives every graph."""
+    from cupy_backends.cuda.libs import cublas
+
+    handle = cupy.cuda.device.get_cublas_handle()
+    workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
+    if hasattr(cublas, "setWorkspace"):
+        cublas.setWorkspace(handle, workspace.data.ptr, _WORKSPACE_BYTES)
+    return handle, workspace
+
+
+def is_capturing() -> bool:
+    return cupy.cuda.get_current_stream().is_capturing()
+
+
+def matmul(a, b, out=None):
+    """a @ b for 2-D arrays, also while a CUDA graph is being captured."""
+    if not is_capturing():
+        return cupy.matmul(a, b, out=out)
+    from cupy_backends.cuda.libs import cublas
+
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = cupy.empty((m, n), dtype=a.dtype)
+    # Row-major C = A @ B is column-major C^T = B^T A^T: cuBLAS gets B first. A C-contiguous
+    # operand is already its own transpose in column-major terms; an F-contiguous one (a .T view)
+    # is passed with the transpose flag.
+    a, b = (v if v.flags.c_contiguous or v.flags.f_contiguous else cupy.ascontiguousarray(v)
+            for v in (a, b))
+    op_b, ld_b = (cublas.CUBLAS_OP_N, n) if b.flags.c_contiguous else (cublas.CUBLAS_OP_T, k)
+    op_a, ld_a = (cublas.CUBLAS_OP_N, k) if a.flags.c_contiguous else (cublas.CUBLAS_OP_T, m)
+    handle, _ = _cublas_handle(a.device.id)
+    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
+    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
+    dtype = np.dtype(a.dtype)
+    if dtype in _ONE:
+        gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
+        gemm(handle, op_b, op_a, n, m, k, _ONE[dtype].ctypes.data, b.data.ptr, ld_b, a.data.ptr,
+             ld_a, _ZERO[dtype].ctypes.data, out.data.ptr, n)
+    else:  # half precision: float32 accumulation
+        data_type = _CUDA_DATA_TYPE.get(dtype, 14)
+        one, zero = _ONE[np.dtype(np.float32)], _ZERO[np.dtype(np.float32)]
+        cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data, b.data.ptr, data_type, ld_b,
+                      a.data.ptr, data_type, ld_a, zero.ctypes.data, out.data.ptr, data_type, n,
+                      _CUBLAS_COMPUTE_32F, -1)
+    return out

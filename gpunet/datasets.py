@@ -273,7 +273,7 @@ def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
         part = _new_part_file(folder, final.name)
         try:
             if progress:
-                print(f"downloading {url} -> {final}", file=sys.stderr, flush=True)
+                print(f"downloading {url} -> {final}", file=sys.stdout, flush=True)
             try:
                 array = _fetch(url, part, name)
             except (OSError, http.client.HTTPException, ValueError, DatasetError) as exc:

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from .backend import default_rng, device_of, get_array_module, to_device
+from .backend import default_rng, device_of, get_array_module, matmul, to_device
 
 
 class Parameter:
@@ -189,14 +189,14 @@ class Dense(Module):
 
     def forward(self, x):
         w = self._compute(self.weight.data)
-        xp = get_array_module(x, w)
+        get_array_module(x, w)  # refuses a numpy/cupy mix
         if getattr(x, "ndim", None) != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self!r} expects input of shape (N, {self.in_features}), "
                              f"got {getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != w.dtype:
             raise TypeError(f"{self!r} computes in {w.dtype} but got {x.dtype} input; convert "
                             "the input (x.astype) or the model (model.to(dtype=...))")
-        y = xp.matmul(x, w)
+        y = matmul(x, w)
         b = None if self.bias is None else self._compute(self.bias.data)
         if self.activation == "relu":
             F.bias_relu_(y, 0 if b is None else b)
@@ -207,7 +207,7 @@ class Dense(Module):
 
     def backward(self, dy, input_grad: bool = True):
         x, w = self._saved("x"), self._saved("w")
-        xp = get_array_module(x, dy)
+        get_array_module(x, dy)  # refuses a numpy/cupy mix
         if dy.shape != (x.shape[0], self.out_features):
             raise ValueError(f"{self!r}.backward expects dy of shape {(x.shape[0], self.out_features)},"
                              f" got {dy.shape}")
@@ -218,12 +218,12 @@ class Dense(Module):
         elif bias_grad is not None:
             dy.sum(axis=0, out=bias_grad)
         if mixed:  # float32 gradients from half-precision products
-            self.weight.grad[...] = xp.matmul(x.T, dy)
+            self.weight.grad[...] = matmul(x.T, dy)
             if self.bias is not None:
                 self.bias.grad[...] = dy.sum(axis=0, dtype=self.bias.grad.dtype)
         else:
-            xp.matmul(x.T, dy, out=self.weight.grad)
-        return xp.matmul(dy, w.T) if input_grad else None
+            matmul(x.T, dy, out=self.weight.grad)
+        return matmul(dy, w.T) if input_grad else None
 
     def __repr__(self) -> str:
         extra = ", activation='relu'" if self.activation else ""

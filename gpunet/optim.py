@@ -108,7 +108,7 @@ class Optimizer:
             if tuple(state[name].shape) != self.data.shape:
                 raise ValueError(f"optimizer state {name!r} has shape {tuple(state[name].shape)} but "
                                  f"the parameters need {self.data.shape}")
-        self.lr = _positive("lr", float(state["lr"]))
+        self.lr = _positive("lr", float(state["lr"]), allow_zero=True)  # a schedule may end at 0
         self.step_count = int(state["step"])
         for name, buf in self.state.items():
             buf[...] = to_device(state[name], device_of(buf))
@@ -272,10 +272,11 @@ class LRScheduler:
         return self.optimizer.lr
 
     def state_dict(self) -> dict:
-        return {"base_lr": self.base_lr, "last_step": self.last_step}
+        """Only the position: the rest is configuration, so a resumed run may change it."""
+        return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict) -> None:
-        self.base_lr, self.last_step = float(state["base_lr"]), int(state["last_step"])
+        self.last_step = int(state["last_step"])
         self.optimizer.lr = self.lr_at(self.last_step)
 
 

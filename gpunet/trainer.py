@@ -60,6 +60,7 @@ class TrainConfig:
     metrics_json: str | None = None
     progress: bool = True
     eval_batch_size: int = 2000
+    cuda_graph: bool = True  # capture the training step as a CUDA graph (GPU only)
 
     def __post_init__(self):
         self.hidden = tuple(self.hidden)
@@ -143,7 +144,7 @@ def prepare_mnist(raw, *, val_size: int, device, dtype) -> DeviceData:
     std = float(train_pixels.std(dtype=np.float64)) / 255
 
     def images(x):
-        x = x.reshape(len(x), -1).astype(dtype)
+        x = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(dtype)
         x *= 1 / (255 * std)
         x -= mean / std
         return to_device(x, device)
@@ -169,8 +170,9 @@ class EpochStats:
 class Trainer:
     """Holds a run's model, optimizer, schedule and shuffle generator; ``fit`` runs it."""
 
-    def __init__(self, config: TrainConfig, data: DeviceData | None = None, *, out=sys.stdout):
-        self.config, self.out = config, out
+    def __init__(self, config: TrainConfig, data: DeviceData | None = None, *,
+                 quiet: bool = False):
+        self.config, self.quiet = config, quiet
         self.device = get_device(config.device)
         # The data and the products run in `dtype`; parameters (the optimizer's master copies)
         # stay float32 under mixed precision.
@@ -185,6 +187,7 @@ class Trainer:
             data = prepare_mnist(load_mnist(config.data_dir, progress=True),
                                  val_size=config.val_size, device=self.device, dtype=self.dtype)
         self.data = data
+        _check_labels(data)
         self.n_train = len(data.y_train)
         self.batch_sizes = np.diff(np.r_[0:self.n_train:config.batch_size, self.n_train])
         self.steps_per_epoch = len(self.batch_sizes)
@@ -207,6 +210,10 @@ class Trainer:
         with self.device.scope():
             self._x_batch = xp.empty((config.batch_size, in_features), dtype=self.dtype)
             self._y_batch = xp.empty((config.batch_size,), dtype=np.int64)
+        self.graph = None
+        if self.device.type == "cuda" and config.cuda_graph:
+            from .graph import GraphStep
+            self.graph = GraphStep(self)
 
     def _restore(self, resumed: dict) -> None:
         checkpoint.restore(resumed, model=self.model, optimizer=self.optimizer,
@@ -219,11 +226,21 @@ class Trainer:
     # --- the training step: everything between two batches ------------------------------------
 
     def train_epoch(self, progress=None):
-        """One pass over the training split; returns the mean training loss (on the device)."""
-        xp, data, bs = get_array_module(self.data.x_train), self.data, self.config.batch_size
-        order = to_device(self.shuffle_rng.permutation(self.n_train), self.device)
-        meter = LossMeter(xp, self.batch_sizes)
+        """One pass over the training split; returns the mean training loss."""
+        order = self.shuffle_rng.permutation(self.n_train)
+        meter = LossMeter(get_array_module(self.data.x_train), self.batch_sizes)
         self.model.train()
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+            if self.graph is not None:
+                self.graph.run_epoch(order, meter, progress)
+            else:
+                self._steps(to_device(order, self.device), meter, progress)
+        self._check_finite(meter)
+        return meter.mean()
+
+    def _steps(self, order, meter, progress) -> None:
+        """The eager loop: a batch gather into fixed buffers, forward, loss, backward, update."""
+        data, bs = self.data, self.config.batch_size
         for step, start in enumerate(range(0, self.n_train, bs)):
             idx = order[start:start + bs]
             x, y = self._x_batch[:len(idx)], self._y_batch[:len(idx)]
@@ -231,8 +248,8 @@ class Trainer:
             take_rows(data.y_train, idx, out=y)
 
             logits = self.model.forward(x)
-            # Labels were checked once when the data was loaded; checking them again here would
-            # cost a device synchronisation per step on a GPU.
+            # The labels were checked once, in __init__; checking them again here would cost a
+            # device synchronisation per step on a GPU.
             loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,
                                                        validate=False)
             self.model.backward(grad, input_grad=False)
@@ -242,13 +259,16 @@ class Trainer:
             self.scheduler.step()
 
             meter.add(loss, step)
-            if progress is not None:
-                progress.update(len(idx))
-                if progress.ready_for_postfix():
-                    self._check_finite(meter)
-                    progress.set_postfix_str(f"loss {meter.mean():.4f}", refresh=False)
-        self._check_finite(meter)
-        return meter.mean()
+            self._tick(progress, meter, len(idx))
+
+    def _tick(self, progress, meter: "LossMeter", rows: int) -> None:
+        """Advance the progress bar; at most twice a second, read the loss (a device sync)."""
+        if progress is None:
+            return
+        progress.update(rows)
+        if progress.ready_for_postfix():
+            self._check_finite(meter)
+            progress.set_postfix_str(f"loss {meter.mean():.4f}", refresh=False)
 
     def _check_finite(self, meter: "LossMeter") -> None:
         bad_step = meter.first_bad_step()
@@ -321,13 +341,21 @@ class Trainer:
         return [self.model[0].in_features, *self.config.hidden, NUM_CLASSES]
 
     def _say(self, line: str) -> None:
-        if self.out is not None:
-            print(line, file=self.out, flush=True)
+        if not self.quiet:
+            print(line, flush=True)
 
 
-def fit(config: TrainConfig, data: DeviceData | None = None, *, out=sys.stdout) -> dict:
+def _check_labels(data: DeviceData) -> None:
+    for name in ("y_train", "y_val", "y_test"):
+        y = getattr(data, name)
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= NUM_CLASSES):
+            raise ValueError(f"data.{name} holds labels outside 0..{NUM_CLASSES - 1} "
+                             f"(from {int(y.min())} to {int(y.max())})")
+
+
+def fit(config: TrainConfig, data: DeviceData | None = None, *, quiet: bool = False) -> dict:
     """Build a :class:`Trainer` for ``config`` and run it; returns the metrics dict."""
-    return Trainer(config, data, out=out).fit()
+    return Trainer(config, data, quiet=quiet).fit()
 
 
 def make_optimizer(config: TrainConfig, params):

@@ -23,6 +23,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """No test may reach the internet: downloads are allowed to loopback servers only."""
+    from urllib.error import URLError
+    from urllib.parse import urlparse
+
+    from gpunet import datasets
+
+    real = datasets._urlopen
+
+    def loopback_only(url, *args, **kwargs):
+        host = urlparse(url if isinstance(url, str) else url.full_url).hostname
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            raise URLError(f"the test suite does not use the network (asked for {host})")
+        return real(url, *args, **kwargs)
+
+    monkeypatch.setattr(datasets, "_urlopen", loopback_only)
+
+
 def _find_mnist() -> Path | None:
     candidates = [os.environ.get("GPUNET_DATA"), PROJECT.parent / "shared" / "data" / "mnist",
                   PROJECT / "data"]

@@ -312,7 +312,7 @@ def test_download_falls_through_to_a_good_mirror(tmp_path, monkeypatch, tiny_has
     assert fake.urls[:3] == [f"{m}train-images-idx3-ubyte.gz" for m in mirrors]
     assert len(fake.urls) == 12
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.gz" for n in NAMES)
-    assert capsys.readouterr().err.count("downloading ") == 12
+    assert capsys.readouterr().out.count("downloading ") == 12
     # What landed is verified and loads offline, checksums and all.
     check_tiny(load_mnist(folder, download=False))
 

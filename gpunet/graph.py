@@ -1,0 +1,110 @@
+"""The whole training step as one CUDA graph, replayed for every full batch.
+
+For a model this small a GPU step is bounded by kernel launches and Python, not arithmetic. So
+the Trainer captures one step (batch gather, forward, fused loss, backward, optimizer update,
+loss bookkeeping) into a CUDA graph once and replays it: one launch per batch, no Python per
+kernel. Everything that changes between steps lives on the device and is read by the kernels:
+
+    counters   [optimizer steps taken, batch index in this epoch], advanced by the last kernel
+    order      this epoch's permutation (refilled before each epoch)
+    lr_table   this epoch's learning rate per batch, from the closed-form schedule
+    losses     each batch's loss, read once per epoch
+
+The first batch of the first epoch runs eagerly (it compiles the kernels and fills the private
+memory pool), the graph is captured right after it, and the last partial batch of each epoch runs
+eagerly through the same step function: graph and eager steps issue the same kernels. If capture
+fails, training carries on eagerly with a one-line notice.
+
+Temporaries are allocated during capture from a private memory pool that lives as long as this
+object: their addresses are baked into the graph, so nothing else may ever be given that memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import cuda_kernels
+
+
+class GraphStep:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        cupy = trainer.device.xp
+        self.cupy = cupy
+        t = trainer
+        with t.device.scope():
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+            self.pool = cupy.cuda.MemoryPool()
+            self.counters = cupy.zeros(2, dtype=cupy.int64)
+            self.order = cupy.empty(t.n_train, dtype=cupy.int64)
+            self.lr_table = cupy.empty(t.steps_per_epoch, dtype=t.optimizer.data.dtype)
+            self.losses = cupy.zeros(t.steps_per_epoch, dtype=cupy.float64)
+            self.x_batch = cupy.empty_like(t._x_batch)
+            self.y_batch = cupy.empty_like(t._y_batch)
+            cuda_kernels._cublas_handle(t.device.index)  # its workspace must not come from the pool
+        self.graph = None
+        self.failed = None  # why capture failed, once it has
+
+    def _step(self, rows: int) -> None:
+        """One training step on the first ``rows`` rows of the batch buffers; capturable."""
+        t = self.trainer
+        x, y = self.x_batch[:rows], self.y_batch[:rows]
+        cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
+                                  t.config.batch_size)
+        logits = t.model.forward(x)
+        loss, grad = t.loss_fn.forward_backward(logits, y, grad_output=t.loss_scale, validate=False)
+        t.model.backward(grad, input_grad=False)
+        if t.loss_scale != 1.0:
+            t.optimizer.grad *= 1.0 / t.loss_scale
+        cuda_kernels.optimizer_update(t.optimizer, self.lr_table, self.counters)
+        cuda_kernels.finish_step(loss, self.losses, self.counters)
+
+    def _capture(self) -> None:
+        cupy = self.cupy
+        mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
+        self.stream.begin_capture(mode=mode)
+        try:
+            self._step(self.trainer.config.batch_size)
+        finally:
+            graph = self.stream.end_capture()
+        self.graph = graph
+
+    def run_epoch(self, order_host: np.ndarray, meter, progress=None) -> None:
+        """Train one epoch: graph replays for the full batches, eager steps for the rest."""
+        t, cupy = self.trainer, self.cupy
+        bs, n = t.config.batch_size, t.n_train
+        lrs = epoch_learning_rates(t.scheduler, t.steps_per_epoch)
+        with t.device.scope(), self.stream, cupy.cuda.using_allocator(self.pool.malloc):
+            self.order.set(order_host, stream=self.stream)
+            self.lr_table.set(lrs.astype(self.lr_table.dtype), stream=self.stream)
+            self.counters.set(np.array([t.optimizer.step_count, 0], np.int64), stream=self.stream)
+            meter.losses = self.losses
+            for step in range(t.steps_per_epoch):
+                rows = min(bs, n - step * bs)
+                if rows == bs and self.graph is not None:
+                    self.graph.launch(stream=self.stream)
+                else:
+                    self._step(rows)
+                    if step == 0 and rows == bs and self.failed is None:
+                        self._try_capture()
+                meter.steps = step + 1
+                t._tick(progress, meter, rows)
+        self.stream.synchronize()
+        # The host-side counts catch up with what the device did.
+        t.optimizer.step_count += t.steps_per_epoch
+        t.scheduler.last_step += t.steps_per_epoch
+        t.optimizer.lr = t.scheduler.lr_at(t.scheduler.last_step)
+
+    def _try_capture(self) -> None:
+        try:
+            self._capture()
+        except Exception as exc:  # any failure: the eager path computes the same step
+            self.graph, self.failed = None, f"{type(exc).__name__}: {exc}"
+            self.trainer._say(f"note: CUDA graph capture failed ({self.failed}); "
+                              "continuing with eager kernel launches")
+
+
+def epoch_learning_rates(scheduler, steps: int) -> np.ndarray:
+    """The learning rate of each of the next ``steps`` optimizer steps, as the eager loop would
+    set them (the schedule is closed-form, so the table is exact)."""
+    return np.array([scheduler.lr_at(scheduler.last_step + i) for i in range(steps)])
