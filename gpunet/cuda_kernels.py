@@ -154,7 +154,9 @@ def cross_entropy_grad(x, lse, t, alpha, beta, gamma, smooth):
         v = cupy.asarray(v, dtype=acc)
         return v[:, None] if v.ndim == 1 else v
 
-    smooth = cupy.zeros((), acc) if smooth is None else smooth.astype(acc, copy=False)[None, :]
+    smooth = cupy.asarray(0.0 if smooth is None else smooth, dtype=acc)
+    if smooth.ndim:
+        smooth = smooth[None, :]  # per class, (1, C)
     classes = cupy.arange(c, dtype=cupy.int64)[None, :]
     return _cross_entropy_grad_kernel()(
         x, lse[:, None], t.astype(cupy.int64, copy=False)[:, None], column(alpha), column(beta),

@@ -225,22 +225,28 @@ class _CrossEntropyPlan:
         if self._rows is None:
             xp, acc, t, n_classes = self.xp, self.acc, self.target, self.logits.shape[1]
             valid = t != self.ignore_index
-            t_safe = xp.where(valid, t, 0)
+            if not is_cuda_array(t) and bool(valid.all()):
+                # On the CPU that question is free (on a GPU it would synchronise), and with
+                # every row kept the per-row factors collapse to scalars: fewer passes per step.
+                valid = True
+            t_safe = t if valid is True else xp.where(valid, t, 0)
             if self.weight is None:
-                w_t, w_sum = valid.astype(acc), n_classes
+                w_t, w_sum = (1.0 if valid is True else valid.astype(acc)), n_classes
             else:
                 w = self.weight.astype(acc, copy=False)
                 w_t, w_sum = w[t_safe] * valid, w.sum()
             coef = w_t if self.eps == 0 else (1.0 - self.eps) * w_t
             big_a = coef if self.eps == 0 else coef + (self.eps / n_classes) * w_sum * valid
-            self._rows = (t_safe, coef, big_a, valid, _reciprocal_or_zero(xp, w_t.sum()))
+            denominator = t.shape[0] if isinstance(w_t, float) else w_t.sum()
+            self._rows = (t_safe, coef, big_a, valid, _reciprocal_or_zero(xp, denominator))
         return self._rows
 
     def smoothing_weights(self):
-        """(ε/C) w_c as an array of shape (C,), the smoothing part of a_ic."""
+        """(ε/C) w_c, the smoothing part of a_ic: an array of shape (C,), or one number when
+        there are no class weights."""
         c = self.logits.shape[1]
         if self.weight is None:
-            return self.xp.full((c,), self.eps / c, dtype=self.acc)
+            return self.eps / c
         return self.weight.astype(self.acc) * (self.eps / c)
 
     def coefficients(self):
@@ -259,10 +265,10 @@ class _CrossEntropyPlan:
         else:
             t_safe, coef, _, valid, inverse = self.rows()
             nll = lse - x[xp.arange(x.shape[0]), t_safe]
-            per_row = coef * xp.where(valid, nll, 0)  # where, not *: nll may be inf on ignored rows
+            per_row = coef * _keep(xp, valid, nll)
             if self.eps:
-                smooth = (self.smoothing_weights() * (lse[:, None] - x)).sum(axis=1)
-                per_row += xp.where(valid, smooth, 0)
+                smooth = ((lse[:, None] - x) * self.smoothing_weights()).sum(axis=1)
+                per_row += _keep(xp, valid, smooth)
         if self.reduction == "none":
             return per_row.astype(self.logits.dtype, copy=False)
         total = per_row.sum()
@@ -273,15 +279,17 @@ class _CrossEntropyPlan:
     def row_scale(self, grad_output):
         """scale_i: the reduction's factor times the upstream gradient, per row (or a scalar)."""
         xp, n = self.xp, self.logits.shape[0]
-        g = grad_output if hasattr(grad_output, "dtype") else np.asarray(grad_output)
-        if self.reduction == "none":
-            if g.ndim != 0 and g.shape != (n,):
-                raise ValueError(f"grad_output must be a scalar or of shape ({n},) for "
-                                 f"reduction='none', got shape {g.shape}")
-        elif g.ndim != 0:
-            raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}, "
-                             f"got shape {g.shape}")
-        g = xp.asarray(g, dtype=self.acc)
+        if isinstance(grad_output, (int, float)):  # a Python number stays one: no array ops
+            g = float(grad_output)
+        else:
+            g = xp.asarray(grad_output, dtype=self.acc)
+            if self.reduction == "none":
+                if g.ndim != 0 and g.shape != (n,):
+                    raise ValueError(f"grad_output must be a scalar or of shape ({n},) for "
+                                     f"reduction='none', got shape {g.shape}")
+            elif g.ndim != 0:
+                raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}, "
+                                 f"got shape {g.shape}")
         if self.reduction == "mean":
             g = g * (_reciprocal_or_zero(xp, n) if self.probability_target else self.rows()[4])
         return g
@@ -292,7 +300,7 @@ class _CrossEntropyPlan:
         if self.probability_target:
             a = self.coefficients()
             p = xp.exp(x.astype(self.acc, copy=False) - lse[:, None])
-            dx = scale[..., None] * (a.sum(axis=1, keepdims=True) * p - a)
+            dx = _column(scale) * (a.sum(axis=1, keepdims=True) * p - a)
             return dx.astype(x.dtype, copy=False)
         args = self._kernel_arguments(scale)
         if is_cuda_array(x):
@@ -320,8 +328,7 @@ class _CrossEntropyPlan:
         xa -= m
         xp.exp(xa, out=xa)
         total = xa.sum(axis=1, keepdims=True)
-        with np.errstate(divide="ignore"):
-            lse = (xp.log(total) + m)[:, 0]
+        lse = (xp.log(total) + m)[:, 0]  # log(0) = -inf only for an all -inf row, as it should
         xa /= total
         loss = self.loss(lse)
         return loss, _apply_grad(xa, *self._kernel_arguments(self.row_scale(grad_output))
@@ -343,17 +350,27 @@ def cross_entropy_grad_reference(x, lse, t, alpha, beta, gamma, smooth):
 def _apply_grad(p, t, alpha, beta, gamma, smooth):
     """Turn probabilities p into the gradient, in place (see cross_entropy_grad_reference)."""
     xp = get_array_module(p)
-    p *= alpha[..., None]
+    p *= _column(alpha)
     rows = xp.arange(p.shape[0])
     p[rows, t] -= beta
     if smooth is not None:
-        p -= gamma[..., None] * smooth
+        p -= _column(gamma) * smooth
     return p
+
+
+def _column(v):
+    """A per-row value as an (N, 1) column; scalars (Python or 0-d) broadcast as they are."""
+    return v[:, None] if getattr(v, "ndim", 0) == 1 else v
+
+
+def _keep(xp, valid, v):
+    """v on kept rows and 0 on ignored ones (where, not *: v may be inf on ignored rows)."""
+    return v if valid is True else xp.where(valid, v, 0)
 
 
 def _reciprocal_or_zero(xp, denominator):
     """1 / denominator, or 0 when it is 0: a mean over nothing is 0, with a zero gradient."""
-    if isinstance(denominator, int):
+    if isinstance(denominator, (int, float)):
         return 1.0 / denominator if denominator else 0.0
     nonzero = denominator != 0
     return xp.where(nonzero, 1 / xp.where(nonzero, denominator, 1), 0)

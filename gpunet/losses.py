@@ -112,10 +112,11 @@ class CrossEntropy(Loss):
         else:
             t_safe, coef, _, valid, _ = plan.rows()
             scale = scale * valid
-            a = xp.broadcast_to(plan.smoothing_weights()[None, :], self._probs.shape).copy()
+            a = xp.zeros(self._probs.shape, dtype=plan.acc)
+            a += plan.smoothing_weights()
             a[xp.arange(a.shape[0]), t_safe] += coef
         with np.errstate(divide="ignore", invalid="ignore"):
-            dp = -scale[:, None] * a / self._probs
+            dp = -F._column(scale) * a / self._probs
         return dp.astype(self._probs.dtype, copy=False)
 
 
