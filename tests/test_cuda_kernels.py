@@ -22,6 +22,7 @@ RAW_MODULES = {
     "relu_backward": (K.RELU_BACKWARD_SOURCE, K.RELU_BACKWARD_ENTRIES),
     "count_correct": (K.COUNT_CORRECT_SOURCE, K.COUNT_CORRECT_ENTRIES),
     "optim": (K.OPTIM_SOURCE, K.OPTIM_ENTRIES),
+    "step": (K.STEP_SOURCE, K.STEP_ENTRIES),
 }
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
