@@ -9,9 +9,10 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     optimizer_update            optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
-once per process. CuPy also caches the compiled binaries on disk (``~/.cupy/kernel_cache``, or
-``$CUPY_CACHE_DIR``): the first use on a machine pays the NVRTC compile (typically 0.1-1 s per
-kernel), later processes load the cached binary in milliseconds.
+once per process, one template instantiation at a time. CuPy also caches the compiled binaries on
+disk (``~/.cupy/kernel_cache``, or ``$CUPY_CACHE_DIR``): only the first use on a machine pays the
+NVRTC compile (not yet measured on a GPU; nvcc needs about 0.3 s per cross-entropy instantiation
+on a 2-core CPU), and later processes load the cached binary.
 
 Reductions accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64;
 half-precision values are converted with exact bit operations (bfloat16) or the PTX ``cvt``
@@ -127,6 +128,15 @@ def _multiprocessors(device_id: int) -> int:
 def _shared_memory_optin(device_id: int) -> int:
     """The most dynamic shared memory one block may opt in to (227 KiB on an H100 or H200)."""
     return cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerBlockOptin"]
+
+
+@functools.cache
+def _compiled(source: str, name: str):
+    """Kernel ``name`` (a template instantiation such as ``"relu_backward<0>"``) of ``source``,
+    compiled on first use. One instantiation per compile keeps the first call short: a module's
+    every dtype and size variant would be compiled at once otherwise."""
+    module = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=[name])
+    return module.get_function(name)
 
 
 # --- cross-entropy gradient from a kept log-sum-exp (backward after forward) -----------------------
@@ -454,11 +464,6 @@ _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 
 @functools.cache
-def _ce_module():
-    return cupy.RawModule(code=CROSS_ENTROPY_SOURCE, options=("-std=c++17",), name_expressions=CROSS_ENTROPY_ENTRIES)
-
-
-@functools.cache
 def _ce_counter(device_id: int, stream_ptr: int):
     # One ticket counter per device and stream; the last block of every launch resets it to 0.
     return cupy.zeros(1, dtype=cupy.uint32)
@@ -500,7 +505,7 @@ def cross_entropy_loss_and_grad(plan, grad_output=1.0):
     partials = cupy.empty(blocks, dtype=_acc_dtype(x.dtype))
     counter = _ce_counter(device, cupy.cuda.get_current_stream().ptr)
     scalar = _acc_dtype(x.dtype)
-    kernel = _ce_module().get_function(name)
+    kernel = _compiled(CROSS_ENTROPY_SOURCE, name)
     if shared:
         kernel.max_dynamic_shared_size_bytes = shared  # opt in beyond the default 48 KiB
     kernel((blocks,), (threads,), (
@@ -561,18 +566,12 @@ template <int KIND> __global__ void relu_backward(
 RELU_BACKWARD_ENTRIES = [f"relu_backward<{k}>" for k in range(4)]
 
 
-@functools.cache
-def _relu_backward_kernel():
-    return cupy.RawModule(code=RELU_BACKWARD_SOURCE, options=("-std=c++17",),
-                          name_expressions=RELU_BACKWARD_ENTRIES)
-
-
 def relu_backward(dy, y, out, bias_grad=None):
     """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0), in one launch."""
     dy, y = cupy.ascontiguousarray(dy), cupy.ascontiguousarray(y)
     n, c = y.shape
     blocks = max(1, min(-(-c // 32), 8 * _multiprocessors(y.device.id)))
-    kernel = _relu_backward_kernel().get_function(f"relu_backward<{_kind(y.dtype)}>")
+    kernel = _compiled(RELU_BACKWARD_SOURCE, f"relu_backward<{_kind(y.dtype)}>")
     kernel((blocks,), (256,), (dy, y, out, _NULL if bias_grad is None else bias_grad,
                                np.int64(n), np.int64(c)))
     return out
@@ -602,12 +601,6 @@ template <int KIND> __global__ void count_correct(
 COUNT_CORRECT_ENTRIES = [f"count_correct<{k}>" for k in range(4)]
 
 
-@functools.cache
-def _count_correct_kernel():
-    return cupy.RawModule(code=COUNT_CORRECT_SOURCE, options=("-std=c++17",),
-                          name_expressions=COUNT_CORRECT_ENTRIES)
-
-
 def count_correct(logits, labels, out):
     """out += number of rows whose argmax equals the label (out: a uint64 device scalar)."""
     x = cupy.ascontiguousarray(logits)
@@ -616,7 +609,7 @@ def count_correct(logits, labels, out):
         return out
     threads = 256
     blocks = max(1, min(-(-n // threads), 4 * _multiprocessors(x.device.id)))
-    kernel = _count_correct_kernel().get_function(f"count_correct<{_kind(x.dtype)}>")
+    kernel = _compiled(COUNT_CORRECT_SOURCE, f"count_correct<{_kind(x.dtype)}>")
     kernel((blocks,), (threads,), (x, cupy.ascontiguousarray(labels.astype(cupy.int64, copy=False)),
                                    out, np.int64(n), np.int64(c)))
     return out
@@ -681,11 +674,6 @@ template <typename S> __global__ void adam(
 OPTIM_ENTRIES = ["sgd<float>", "sgd<double>", "adam<float>", "adam<double>"]
 
 
-@functools.cache
-def _optim_module():
-    return cupy.RawModule(code=OPTIM_SOURCE, options=("-std=c++17",), name_expressions=OPTIM_ENTRIES)
-
-
 def _launch_shape(n: int, device_id: int):
     threads = 256
     return (max(1, min(-(-n // threads), 8 * _multiprocessors(device_id))),), (threads,)
@@ -711,13 +699,13 @@ def optimizer_update(opt, lr_table=None, counters=None) -> None:
     steps_taken = np.int64(opt.step_count - 1)  # step() counted this one already
     if isinstance(opt, SGD):
         buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
-        _optim_module().get_function(f"sgd<{name}>")(grid, block, (
+        _compiled(OPTIM_SOURCE, f"sgd<{name}>")(grid, block, (
             p, g, buf, np.int64(p.size), scalar(opt.lr), table, device_counters, steps_taken,
             scalar(opt.momentum), scalar(opt.dampening), scalar(opt.weight_decay),
             np.bool_(opt.nesterov)))
     elif isinstance(opt, Adam):
         b1, b2 = opt.betas
-        _optim_module().get_function(f"adam<{name}>")(grid, block, (
+        _compiled(OPTIM_SOURCE, f"adam<{name}>")(grid, block, (
             p, g, opt.state["exp_avg"], opt.state["exp_avg_sq"], np.int64(p.size), scalar(opt.lr),
             table, device_counters, steps_taken, scalar(b1), scalar(b2), scalar(opt.eps),
             scalar(opt.weight_decay), np.bool_(opt.decoupled)))
@@ -756,22 +744,17 @@ STEP_ENTRIES = (["gather_batch<float>", "gather_batch<double>", "gather_batch<un
 _RAW_NAME = {4: "float", 8: "double", 2: "unsigned short"}
 
 
-@functools.cache
-def _step_module():
-    return cupy.RawModule(code=STEP_SOURCE, options=("-std=c++17",), name_expressions=STEP_ENTRIES)
-
-
 def gather_batch(x, y, order, counters, xb, yb, batch_size: int) -> None:
     """xb, yb = the rows of (x, y) that batch ``counters[1]`` of ``order`` names."""
     rows, features = xb.shape
     grid, block = _launch_shape(rows * features, x.device.id)
-    kernel = _step_module().get_function(f"gather_batch<{_RAW_NAME[x.itemsize]}>")
+    kernel = _compiled(STEP_SOURCE, f"gather_batch<{_RAW_NAME[x.itemsize]}>")
     kernel(grid, block, (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features),
                          np.int64(batch_size)))
 
 
 def finish_step(loss, losses, counters) -> None:
-    _step_module().get_function(f"finish_step<{_kind(loss.dtype)}>")((1,), (1,), (loss, losses, counters))
+    _compiled(STEP_SOURCE, f"finish_step<{_kind(loss.dtype)}>")((1,), (1,), (loss, losses, counters))
 
 
 # --- matrix products that a CUDA graph can capture --------------------------------------------------

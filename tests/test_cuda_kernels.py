@@ -253,18 +253,17 @@ def test_labels_are_rejected_before_any_kernel(cp, monkeypatch):
 @pytest.mark.cuda
 def test_one_launch_for_a_small_batch(cp, rng, monkeypatch):
     launches = []
-    module = K._ce_module()
+    compiled = K._compiled
 
-    class Counting:
-        def get_function(self, name):
-            kernel = module.get_function(name)
+    def counting(source, name):
+        kernel = compiled(source, name)
 
-            def launch(*args, **kwargs):
-                launches.append(name)
-                return kernel(*args, **kwargs)
-            return launch
+        def launch(*args, **kwargs):
+            launches.append(name)
+            return kernel(*args, **kwargs)
+        return launch
 
-    monkeypatch.setattr(K, "_ce_module", lambda: Counting())
+    monkeypatch.setattr(K, "_compiled", counting)
     x = cp.asarray(rng.standard_normal((128, 10)).astype(np.float32))
     t = cp.asarray(rng.integers(0, 10, 128))
     F.softmax_cross_entropy_with_grad(x, t, validate=False)
