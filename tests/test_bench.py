@@ -57,7 +57,9 @@ def test_every_contender_has_its_samples_and_the_ratios_are_there(tiny):
     for key in ("trainer/floor", "trainer/floor_input_grad", "trainer/textbook",
                 "layer_api/trainer"):
         assert model["ratios"][key] > 0
-    assert model["order_per_round"] == [list(bench.DEFAULT_CONTENDERS["cpu"])]
+    available = [k for k in bench.DEFAULT_CONTENDERS["cpu"]
+                 if model["contenders"][k]["status"] == "ok"]
+    assert model["order_per_round"] == [available]  # torch drops out where it is not installed
 
 
 def test_the_table_names_every_contender(tiny):
