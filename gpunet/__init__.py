@@ -13,3 +13,7 @@ from .losses import CrossEntropy, MSELoss, SoftmaxCrossEntropy
 from .optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
+__all__ = ["functional", "layers", "losses", "optim", "Device", "DeviceError", "get_array_module",
+           "get_device", "manual_seed", "to_device", "to_numpy", "Dense", "Module", "Parameter",
+           "ReLU", "Sequential", "Sigmoid", "Softmax", "Tanh", "mlp", "CrossEntropy", "MSELoss",
+           "SoftmaxCrossEntropy", "SGD", "Adam", "AdamW"]

@@ -615,10 +615,7 @@ def _torch_ce(torch, tdev, n, c, dtype, nbytes) -> dict:
     samples = _event_times(lambda: torch.autograd.grad(F.cross_entropy(x, t), x),
                            lambda: torch.cuda.Event(enable_timing=True),
                            lambda a, b: a.elapsed_time(b))
-    result = _kernel_result(samples, nbytes)
-    del x, t
-    torch.cuda.empty_cache()
-    return result
+    return _kernel_result(samples, nbytes)
 
 
 def _copy_bandwidth(cp, nbytes: int) -> dict:
@@ -628,7 +625,6 @@ def _copy_bandwidth(cp, nbytes: int) -> dict:
                            lambda x, y: cp.cuda.get_elapsed_time(x, y))
     result = _kernel_result(samples, 2 * a.nbytes)
     result["bytes"] = 2 * a.nbytes
-    del a, b
     return result
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
 from .backend import get_array_module, is_cuda_array, to_device, device_of
 from .layers import Parameter
 

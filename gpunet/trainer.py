@@ -16,7 +16,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
@@ -184,7 +184,7 @@ class Trainer:
                 checkpoint.check_writable(path, what)
         resumed = checkpoint.load(config.resume) if config.resume else None
         if data is None:
-            data = prepare_mnist(load_mnist(config.data_dir, progress=True),
+            data = prepare_mnist(load_mnist(config.data_dir, progress=not quiet),
                                  val_size=config.val_size, device=self.device, dtype=self.dtype)
         self.data = data
         _check_labels(data)

@@ -15,7 +15,7 @@ def test_learning_rate_table_is_what_the_eager_loop_uses(schedule):
     config = TrainConfig(epochs=3, schedule=schedule, warmup_epochs=0.5, lr=0.3)
     opt = optim.SGD(mlp([3, 2]).parameters(), lr=config.lr)
     scheduler = make_scheduler(config, opt, steps_per_epoch=10)
-    for epoch in range(3):
+    for _ in range(3):  # three epochs
         table = epoch_learning_rates(scheduler, 10)
         used = []
         for _ in range(10):
