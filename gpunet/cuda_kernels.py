@@ -776,11 +776,14 @@ _CUBLAS_COMPUTE_32F = 68
 
 @functools.cache
 def _cublas_handle(device_id: int):
-    """CuPy's cuBLAS handle for the device, given a workspace that outlives every graph."""
+    """A cuBLAS handle of gpunet's own for captured products, with a workspace that outlives
+    every graph. Its own, not CuPy's: a workspace must not be shared by work on two streams,
+    and CuPy's handle serves every stream."""
     from cupy_backends.cuda.libs import cublas
 
-    handle = cupy.cuda.device.get_cublas_handle()
-    workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
+    with cupy.cuda.Device(device_id):
+        handle = cublas.create()
+        workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
     if hasattr(cublas, "setWorkspace"):
         cublas.setWorkspace(handle, workspace.data.ptr, _WORKSPACE_BYTES)
     return handle, workspace
