@@ -51,11 +51,7 @@ class GraphStep:
         x, y = self.x_batch[:rows], self.y_batch[:rows]
         cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
                                   t.config.batch_size)
-        logits = t.model.forward(x)
-        loss, grad = t.loss_fn.forward_backward(logits, y, grad_output=t.loss_scale, validate=False)
-        t.model.backward(grad, input_grad=False)
-        if t.loss_scale != 1.0:
-            t.optimizer.grad *= 1.0 / t.loss_scale
+        loss = t.forward_backward(x, y)
         cuda_kernels.optimizer_update(t.optimizer, self.lr_table, self.counters)
         cuda_kernels.finish_step(loss, self.losses, self.counters)
 

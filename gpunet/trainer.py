@@ -247,19 +247,25 @@ class Trainer:
             take_rows(data.x_train, idx, out=x)
             take_rows(data.y_train, idx, out=y)
 
-            logits = self.model.forward(x)
-            # The labels were checked once, in __init__; checking them again here would cost a
-            # device synchronisation per step on a GPU.
-            loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,
-                                                       validate=False)
-            self.model.backward(grad, input_grad=False)
-            if self.loss_scale != 1.0:
-                self.optimizer.grad *= 1.0 / self.loss_scale
+            loss = self.forward_backward(x, y)
             self.optimizer.step()
             self.scheduler.step()
 
             meter.add(loss, step)
             self._tick(progress, meter, len(idx))
+
+    def forward_backward(self, x, y):
+        """Forward, the fused loss and backward for one batch: fills every parameter's gradient
+        (unscaled) and returns the loss. The eager loop and the CUDA graph step share it."""
+        logits = self.model.forward(x)
+        # The labels were checked once, in __init__; checking them again here would cost a
+        # device synchronisation per step on a GPU.
+        loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,
+                                                   validate=False)
+        self.model.backward(grad, input_grad=False)
+        if self.loss_scale != 1.0:
+            self.optimizer.grad *= 1.0 / self.loss_scale
+        return loss
 
     def _tick(self, progress, meter: "LossMeter", rows: int) -> None:
         """Advance the progress bar; at most twice a second, read the loss (a device sync)."""
