@@ -104,7 +104,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         # Resuming continues the saved run: its settings, then the flags given now.
         from gpunet import checkpoint
-        saved = checkpoint.load(args.resume)["meta"]["config"]
+        saved = checkpoint.load(args.resume, meta_only=True)["meta"]["config"]
         saved = {k: v for k, v in saved.items() if k in DEFAULTS and k not in ("save", "resume",
                                                                                "metrics_json")}
         given = {**saved, **given}

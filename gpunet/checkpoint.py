@@ -35,14 +35,17 @@ def save(path, *, model, optimizer, scheduler=None, meta: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
-def load(path) -> dict:
-    """All arrays of a checkpoint, by key, with ``meta`` decoded; raises CheckpointError."""
+def load(path, *, meta_only: bool = False) -> dict:
+    """All arrays of a checkpoint, by key, with ``meta`` decoded; raises CheckpointError.
+
+    ``meta_only=True`` reads just the ``meta`` entry (the saved configuration and history),
+    leaving the parameters on disk."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         with np.load(path, allow_pickle=False) as f:
-            out = {k: f[k] for k in f.files}
+            out = {k: f[k] for k in (["meta"] if meta_only else f.files)}
         out["meta"] = json.loads(str(out["meta"]))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"checkpoint {path} is not a readable gpunet checkpoint "
