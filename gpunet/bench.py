@@ -153,7 +153,7 @@ class Contender:
 def gpunet_trainer(w: Workload) -> Contender:
     config = TrainConfig(device=str(w.device), hidden=(w.hidden,), batch_size=w.batch_size, lr=LR,
                          optimizer="sgd", momentum=MOMENTUM, nesterov=False, schedule="constant",
-                         val_size=0, progress=False, epochs=1, seed=SEED)
+                         label_smoothing=0.0, val_size=0, progress=False, epochs=1, seed=SEED)
     trainer = Trainer(config, w.data)  # prints only from fit(), which is not called
 
     def epoch():

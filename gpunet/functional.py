@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from .backend import get_array_module, is_cuda_array
+from .backend import get_array_module, is_cuda_array, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -380,13 +380,24 @@ def _reciprocal_or_zero(xp, denominator):
 #
 # Each has a CUDA kernel as its fast path on cupy arrays and runs the same formula in numpy.
 
+def linear(x, w, b=None, relu: bool = False):
+    """``x @ w + b``, then ``max(·, 0)`` when ``relu``: a Dense layer's forward (on a GPU, the
+    bias and the ReLU are one kernel launch after the product)."""
+    y = matmul(x, w)
+    if relu:
+        return bias_relu_(y, 0 if b is None else b)
+    if b is not None:
+        y += b
+    return y
+
+
 def bias_relu_(y, b):
     """y = max(y + b, 0), in place: a Dense layer's bias and ReLU in one pass (one launch)."""
     if is_cuda_array(y):
         from . import cuda_kernels
         return cuda_kernels.bias_relu_(y, b)
     y += b
-    return np.maximum(y, 0, out=y)
+    return np.maximum(y, y.dtype.type(0), out=y)  # a zero of y's dtype: no cast per call
 
 
 def relu_backward(dy, y, bias_grad=None):

@@ -196,12 +196,8 @@ class Dense(Module):
         if x.dtype != w.dtype:
             raise TypeError(f"{self!r} computes in {w.dtype} but got {x.dtype} input; convert "
                             "the input (x.astype) or the model (model.to(dtype=...))")
-        y = matmul(x, w)
         b = None if self.bias is None else self._compute(self.bias.data)
-        if self.activation == "relu":
-            F.bias_relu_(y, 0 if b is None else b)
-        elif b is not None:
-            y += b
+        y = F.linear(x, w, b, relu=self.activation == "relu")
         self._save(x=x, y=y if self.activation else None, w=w)
         return y
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 
-from .backend import get_array_module, is_cuda_array, to_device, device_of
+from . import blas
+from .backend import device_of, get_array_module, is_cuda_array, to_device
 from .layers import Parameter
 
 
@@ -144,32 +145,24 @@ class SGD(Optimizer):
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
     def _update(self) -> None:
-        xp, p, s = get_array_module(self.data), self.data, self._scratch
+        # On the CPU every line is one pass: BLAS axpy/axpby fuse the multiply into the add.
+        p, s = self.data, self._scratch
         d = self.grad
         if self.weight_decay:
-            xp.multiply(p, self.weight_decay, out=s)
-            s += d
-            d = s
+            s[...] = d
+            d = blas.axpy(self.weight_decay, p, s)
         if self.momentum:
             buf = self.state["momentum_buffer"]
             if self.step_count == 1:
                 buf[...] = d
             else:
-                buf *= self.momentum
-                if self.dampening:
-                    xp.multiply(d, 1 - self.dampening, out=s)
-                    buf += s
-                else:
-                    buf += d
-            if self.nesterov:  # p -= lr * (d + momentum * buf), in two in-place halves
-                xp.multiply(d, self.lr, out=s)
-                p -= s
-                xp.multiply(buf, self.lr * self.momentum, out=s)
-                p -= s
+                blas.axpby(1.0 - self.dampening, d, self.momentum, buf)
+            if self.nesterov:  # p -= lr * (d + momentum * buf)
+                blas.axpy(-self.lr, d, p)
+                blas.axpy(-self.lr * self.momentum, buf, p)
                 return
             d = buf
-        xp.multiply(d, self.lr, out=s)
-        p -= s
+        blas.axpy(-self.lr, d, p)
 
 
 class Adam(Optimizer):

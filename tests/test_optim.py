@@ -6,6 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
+from gpunet import blas
 from gpunet import layers as L
 from gpunet import optim
 from gpunet.backend import to_numpy
@@ -63,6 +64,29 @@ def test_matches_the_update_rule(device, on, rng, kind, kw):
     for i, p in enumerate(model.parameters()):
         expected = reference_trajectory(kind, start[i], [g[i] for g in grads], 0.05, **kw)
         np.testing.assert_allclose(to_numpy(p.data), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind,kw", [c for c in CONFIGS if c[0] == "sgd"])
+def test_sgd_blas_and_numpy_fallback_agree(monkeypatch, rng, dtype, kind, kw):
+    """On the CPU, SGD's passes are BLAS axpy/axpby; the numpy fallback is the same rule."""
+    if not blas._FUNCTIONS:
+        pytest.skip(f"numpy's BLAS is not usable here: {blas.DESCRIPTION}")
+    grads = [rng.standard_normal(50).astype(dtype) for _ in range(6)]
+    start = rng.standard_normal(50).astype(dtype)
+
+    def run():
+        p = L.Parameter(start.copy())
+        opt = make(kind, [p], 0.05, kw)
+        for g in grads:
+            p.grad[...] = g
+            opt.step()
+        return p.data
+
+    with_blas = run()
+    monkeypatch.setattr(blas, "_FUNCTIONS", {})
+    np.testing.assert_allclose(with_blas, run(), rtol=1e-5 if dtype == np.float32 else 1e-13,
+                               atol=1e-6 if dtype == np.float32 else 1e-14)
 
 
 @pytest.mark.parametrize("kind,kw", CONFIGS)
