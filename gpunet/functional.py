@@ -379,13 +379,27 @@ def _row_sums(x):
     """Each row's sum. For short rows (a classifier's few classes) a product with ones is 2-3x
     faster in numpy than sum(axis=1); long rows keep numpy's more accurate pairwise sum."""
     if x.shape[1] <= 64 and not is_cuda_array(x) and x.dtype in (np.float32, np.float64):
-        key = (x.shape[1], x.dtype)
-        ones = _ONES.get(key)
-        if ones is None:
-            ones = _ONES[key] = np.ones(x.shape[1], x.dtype)
-            ones.flags.writeable = False
-        return x @ ones
+        return x @ _ones(x.shape[1], x.dtype)
     return x.sum(axis=1)
+
+
+def column_sums(x, out):
+    """``x.sum(axis=0)`` into ``out``: a layer's bias gradient. On the CPU it is a product with
+    ones (BLAS gemv): twice as fast as numpy's reduction over rows, and as accurate, since both
+    add the rows one after another."""
+    if not is_cuda_array(x) and x.dtype == out.dtype and x.dtype in (np.float32, np.float64):
+        return np.matmul(_ones(x.shape[0], x.dtype), x, out=out)
+    return x.sum(axis=0, out=out)
+
+
+def _ones(n: int, dtype) -> np.ndarray:
+    """A cached, read-only host vector of n ones."""
+    key = (n, np.dtype(dtype))
+    ones = _ONES.get(key)
+    if ones is None:
+        ones = _ONES[key] = np.ones(n, dtype)
+        ones.flags.writeable = False
+    return ones
 
 
 _ONES: dict[tuple, np.ndarray] = {}
@@ -442,7 +456,7 @@ def relu_backward(dy, y, bias_grad=None):
         return cuda_kernels.relu_backward(dy, y, out, bias_grad)
     dz = np.multiply(dy, y > 0)  # several times faster in numpy than where(y > 0, dy, 0)
     if bias_grad is not None:
-        dz.sum(axis=0, out=bias_grad)
+        column_sums(dz, bias_grad)
     return dz
 
 

@@ -212,7 +212,7 @@ class Dense(Module):
         if self.activation == "relu":
             dy = F.relu_backward(dy, self._saved("y"), bias_grad=bias_grad)
         elif bias_grad is not None:
-            dy.sum(axis=0, out=bias_grad)
+            F.column_sums(dy, bias_grad)
         if mixed:  # float32 gradients from half-precision products
             self.weight.grad[...] = matmul(x.T, dy)
             if self.bias is not None:
