@@ -292,3 +292,14 @@ def test_grad_output_shape_is_checked():
         F.softmax_cross_entropy_grad(x, t, grad_output=np.ones(2))
     with pytest.raises(ValueError, match=r"grad_output must be a scalar or of shape \(2,\)"):
         F.softmax_cross_entropy_grad(x, t, reduction="none", grad_output=np.ones(3))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(128, 256), (1, 5), (0, 3), (300, 1)])
+def test_column_sums_is_the_sum_over_rows(rng, dtype, shape):
+    """The bias gradient: a gemv with ones on the CPU for float32/64, numpy's sum otherwise."""
+    x = rng.standard_normal(shape).astype(dtype)
+    out = np.full(shape[1], np.nan, dtype)
+    assert F.column_sums(x, out) is out
+    tol = {np.float16: 1e-1, np.float32: 1e-4, np.float64: 1e-12}[dtype]
+    np.testing.assert_allclose(out, x.astype(np.float64).sum(axis=0), rtol=tol, atol=tol)
