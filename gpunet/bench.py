@@ -40,7 +40,7 @@ import numpy as np
 
 import gpunet
 
-from . import checkpoint
+from . import blas, checkpoint
 from .backend import Device, DeviceError, get_device, manual_seed, to_device, to_numpy
 from .datasets import DatasetError, load_mnist, resolve_root
 from .functional import softmax_cross_entropy_with_grad
@@ -742,7 +742,7 @@ def _lscpu_model() -> str | None:
 
 def versions(device: Device) -> dict:
     out = {"python": sys.version.split()[0], "numpy": np.__version__, "gpunet": gpunet.__version__,
-           "gpunet_git": _git_state(), "torch": None, "cupy": None}
+           "gpunet_git": _git_state(), "gpunet_blas": blas.DESCRIPTION, "torch": None, "cupy": None}
     try:
         out["torch"] = _import_torch().__version__
     except Unavailable as exc:
