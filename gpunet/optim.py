@@ -145,7 +145,7 @@ class SGD(Optimizer):
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
     def _update(self) -> None:
-        # On the CPU every line is one pass: BLAS axpy/axpby fuse the multiply into the add.
+        # On the CPU each blas call is one pass: axpy/axpby fuse the multiply into the add.
         p, s = self.data, self._scratch
         d = self.grad
         if self.weight_decay:
