@@ -81,6 +81,12 @@ def _blas_function(kind: str, x, y):
     return _FUNCTIONS.get((kind, x.dtype))
 
 
+def available(x) -> bool:
+    """Whether axpy/axpby on arrays like ``x`` run in BLAS (not the numpy fallback)."""
+    return (_FUNCTIONS.get(("axpy", getattr(x, "dtype", None))) is not None
+            and type(x) is np.ndarray)
+
+
 def _address(a) -> int:
     """The data pointer of a contiguous array; the buffer protocol is 3x cheaper than .ctypes."""
     try:

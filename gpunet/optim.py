@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 
-from . import blas
+from . import blas, cpu_kernels
 from .backend import device_of, get_array_module, is_cuda_array, to_device
 from .layers import Parameter
 
@@ -83,6 +83,8 @@ class Optimizer:
         if is_cuda_array(self.data):
             from . import cuda_kernels
             cuda_kernels.optimizer_update(self)
+        elif cpu_kernels.optimizer_fits(self):
+            cpu_kernels.optimizer_update(self)
         else:
             self._update()
 

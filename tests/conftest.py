@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpunet import backend
+from gpunet import backend, cpu_kernels
 
 PROJECT = Path(__file__).resolve().parents[1]
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -65,10 +65,15 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def device(request):
-    """Runs a test once on the CPU and once on the GPU (the GPU run is marked cuda)."""
-    return backend.get_device(request.param)
+@pytest.fixture(params=["cpu", "cpu-numpy", pytest.param("cuda", marks=pytest.mark.cuda)])
+def device(request, monkeypatch):
+    """Runs a test on the CPU twice, through the compiled CPU kernels and through the plain NumPy
+    formulas they replace, and once on the GPU (that run is marked cuda)."""
+    if request.param == "cpu-numpy":
+        monkeypatch.setattr(cpu_kernels, "_lib", None)
+    elif request.param == "cpu" and not cpu_kernels.available():
+        pytest.skip(f"the compiled CPU kernels are not loaded: {cpu_kernels.DESCRIPTION}")
+    return backend.get_device(request.param.removesuffix("-numpy"))
 
 
 @pytest.fixture

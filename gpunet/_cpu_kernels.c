@@ -1,0 +1,350 @@
+/* CPU kernels: the compiled fast paths of gpunet's formulas on NumPy arrays.
+ *
+ * The CPU twin of cuda_kernels.py. A training step on the CPU spends most of its time outside
+ * the matrix products in NumPy's one-operation-per-pass model: y += b then max(y, 0) is two
+ * passes, the cross-entropy is eight calls, the optimizer is two BLAS passes. Each function here
+ * does one of those jobs in one pass, with the formula of its NumPy twin (which stays the
+ * reference, and the path taken where this module is not built):
+ *
+ *     bias_relu               functional.bias_relu_
+ *     relu_backward           functional.relu_backward
+ *     cross_entropy           functional._CrossEntropyPlan.loss_and_grad (class-index targets)
+ *     sgd, adam               optim.SGD._update, optim.Adam._update (and the CUDA `sgd_one`)
+ *
+ * Arrays arrive through the buffer protocol (no NumPy headers needed to build), must be
+ * C-contiguous, and are float32 or float64 ("f"/"d"); labels and indices are int64. The Python
+ * side (cpu_kernels.py) decides when to call here; these functions still check every shape and
+ * dtype they rely on and raise TypeError/ValueError rather than read out of bounds.
+ *
+ * Reductions accumulate in the array's own precision, as the NumPy path and the CUDA kernels do,
+ * except the cross-entropy's batch total, which is summed in double.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* --- arguments ------------------------------------------------------------------------------ */
+
+enum { F32 = 0, F64 = 1, I64 = 2, OTHER = -1 };
+
+typedef struct {
+    Py_buffer view;
+    int kind;
+    int held;
+} Array;
+
+static int kind_of(const Py_buffer* v) {
+    const char* f = v->format ? v->format : "B";
+    if (*f == '=' || *f == '<' || *f == '@') {
+#if PY_BIG_ENDIAN
+        if (*f == '<') return OTHER;
+#endif
+        ++f;
+    }
+    if (f[1] != '\0') return OTHER;
+    if (*f == 'f' && v->itemsize == 4) return F32;
+    if (*f == 'd' && v->itemsize == 8) return F64;
+    if ((*f == 'l' || *f == 'q') && v->itemsize == 8) return I64;
+    return OTHER;
+}
+
+static const char* kind_name(int kind) {
+    return kind == F32 ? "float32" : kind == F64 ? "float64" : kind == I64 ? "int64" : "another dtype";
+}
+
+/* Fill `a` from `obj`: C-contiguous (writable if asked), of the given ndim. */
+static int get_array(PyObject* obj, Array* a, const char* name, int ndim, int writable) {
+    int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
+    a->held = 0;
+    if (PyObject_GetBuffer(obj, &a->view, flags) != 0) {
+        PyErr_Format(PyExc_TypeError, "%s must be a C-contiguous%s array, got %.80s", name,
+                     writable ? ", writable" : "", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    a->held = 1;
+    a->kind = kind_of(&a->view);
+    if (a->view.ndim != ndim) {
+        PyErr_Format(PyExc_ValueError, "%s must have %d dimension(s), got %d", name, ndim,
+                     a->view.ndim);
+        return -1;
+    }
+    return 0;
+}
+
+static void release(Array* arrays, int n) {
+    for (int i = 0; i < n; ++i)
+        if (arrays[i].held) PyBuffer_Release(&arrays[i].view);
+}
+
+static Py_ssize_t dim(const Array* a, int i) { return a->view.shape[i]; }
+
+static int same_float_kind(Array* a, const char* name, Array* b, const char* other) {
+    if (a->kind != F32 && a->kind != F64) {
+        PyErr_Format(PyExc_TypeError, "%s must be float32 or float64, got %s", name,
+                     kind_name(a->kind));
+        return -1;
+    }
+    if (b->kind != a->kind) {
+        PyErr_Format(PyExc_TypeError, "%s must have the dtype of %s (%s), got %s", other, name,
+                     kind_name(a->kind), kind_name(b->kind));
+        return -1;
+    }
+    return 0;
+}
+
+static int check_nargs(Py_ssize_t nargs, Py_ssize_t want, const char* fn) {
+    if (nargs == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments, got %zd", fn, want, nargs);
+    return -1;
+}
+
+/* --- the kernels, once per float type ------------------------------------------------------- */
+
+#define CONCAT(a, b) a##_##b
+#define SUFFIXED(f, s) CONCAT(f, s)
+
+#define T float
+#define NAME(f) SUFFIXED(f, f32)
+#define EXP expf
+#define LOG logf
+#define SQRT sqrtf
+#include "_cpu_kernels.h"
+#undef T
+#undef NAME
+#undef EXP
+#undef LOG
+#undef SQRT
+
+#define T double
+#define NAME(f) SUFFIXED(f, f64)
+#define EXP exp
+#define LOG log
+#define SQRT sqrt
+#include "_cpu_kernels.h"
+#undef T
+#undef NAME
+#undef EXP
+#undef LOG
+#undef SQRT
+
+/* --- Python entry points ---------------------------------------------------------------------- */
+
+/* bias_relu(y, b): y = max(y + b, 0) in place; y (N, C), b (C,). */
+static PyObject* py_bias_relu(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[2];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    if (check_nargs(nargs, 2, "bias_relu") || get_array(args[0], &a[0], "y", 2, 1)
+        || get_array(args[1], &a[1], "b", 1, 0) || same_float_kind(&a[0], "y", &a[1], "b"))
+        goto done;
+    if (dim(&a[1], 0) != dim(&a[0], 1)) {
+        PyErr_Format(PyExc_ValueError, "b must have shape (%zd,) to match y, got (%zd,)",
+                     dim(&a[0], 1), dim(&a[1], 0));
+        goto done;
+    }
+    if (a[0].kind == F32)
+        bias_relu_f32(a[0].view.buf, a[1].view.buf, dim(&a[0], 0), dim(&a[0], 1));
+    else
+        bias_relu_f64(a[0].view.buf, a[1].view.buf, dim(&a[0], 0), dim(&a[0], 1));
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 2);
+    return result;
+}
+
+/* relu_backward(dy, y, dz, db or None): dz = dy * (y > 0); db = dz.sum(axis=0). */
+static PyObject* py_relu_backward(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[4];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    int with_db;
+    if (check_nargs(nargs, 4, "relu_backward")) return NULL;
+    with_db = args[3] != Py_None;
+    if (get_array(args[0], &a[0], "dy", 2, 0) || get_array(args[1], &a[1], "y", 2, 0)
+        || get_array(args[2], &a[2], "dz", 2, 1)
+        || (with_db && get_array(args[3], &a[3], "db", 1, 1))
+        || same_float_kind(&a[1], "y", &a[0], "dy") || same_float_kind(&a[1], "y", &a[2], "dz")
+        || (with_db && same_float_kind(&a[1], "y", &a[3], "db")))
+        goto done;
+    Py_ssize_t n = dim(&a[1], 0), c = dim(&a[1], 1);
+    for (int k = 0; k < 3; k += 2) {
+        if (dim(&a[k], 0) != n || dim(&a[k], 1) != c) {
+            PyErr_Format(PyExc_ValueError, "%s must have the shape of y (%zd, %zd), got (%zd, %zd)",
+                         k ? "dz" : "dy", n, c, dim(&a[k], 0), dim(&a[k], 1));
+            goto done;
+        }
+    }
+    if (with_db && dim(&a[3], 0) != c) {
+        PyErr_Format(PyExc_ValueError, "db must have shape (%zd,), got (%zd,)", c, dim(&a[3], 0));
+        goto done;
+    }
+    if (a[1].kind == F32)
+        relu_backward_f32(a[0].view.buf, a[1].view.buf, a[2].view.buf,
+                          with_db ? a[3].view.buf : NULL, n, c);
+    else
+        relu_backward_f64(a[0].view.buf, a[1].view.buf, a[2].view.buf,
+                          with_db ? a[3].view.buf : NULL, n, c);
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 4);
+    return result;
+}
+
+/* cross_entropy(x, t, weight or None, grad, loss, ignore_index, eps, grad_output, reduction):
+ * x, grad (N, C); t (N,) int64; weight (C,); loss (N,) for reduction 2, else 0-d. */
+static PyObject* py_cross_entropy(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[5];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    int with_weight;
+    long long ignore_index;
+    double eps, grad_output;
+    int reduction;
+    if (check_nargs(nargs, 9, "cross_entropy")) return NULL;
+    with_weight = args[2] != Py_None;
+    ignore_index = PyLong_AsLongLong(args[5]);
+    eps = PyFloat_AsDouble(args[6]);
+    grad_output = PyFloat_AsDouble(args[7]);
+    reduction = (int)PyLong_AsLong(args[8]);
+    if (PyErr_Occurred()) return NULL;
+    if (reduction < 0 || reduction > 2) {
+        PyErr_Format(PyExc_ValueError, "reduction must be 0 (mean), 1 (sum) or 2 (none), got %d",
+                     reduction);
+        return NULL;
+    }
+    if (get_array(args[0], &a[0], "logits", 2, 0) || get_array(args[1], &a[1], "target", 1, 0)
+        || (with_weight && get_array(args[2], &a[2], "weight", 1, 0))
+        || get_array(args[3], &a[3], "grad", 2, 1)
+        || get_array(args[4], &a[4], "loss", reduction == 2 ? 1 : 0, 1)
+        || same_float_kind(&a[0], "logits", &a[3], "grad")
+        || same_float_kind(&a[0], "logits", &a[4], "loss")
+        || (with_weight && same_float_kind(&a[0], "logits", &a[2], "weight")))
+        goto done;
+    Py_ssize_t n = dim(&a[0], 0), c = dim(&a[0], 1);
+    if (a[1].kind != I64 || dim(&a[1], 0) != n) {
+        PyErr_Format(PyExc_ValueError, "target must be int64 of shape (%zd,), got %s of shape (%zd,)",
+                     n, kind_name(a[1].kind), dim(&a[1], 0));
+        goto done;
+    }
+    if (dim(&a[3], 0) != n || dim(&a[3], 1) != c || (with_weight && dim(&a[2], 0) != c)
+        || (reduction == 2 && dim(&a[4], 0) != n) || c == 0) {
+        PyErr_SetString(PyExc_ValueError, "cross_entropy: grad must match logits (N, C > 0), "
+                        "weight be (C,), and loss (N,) for reduction 2, else 0-d");
+        goto done;
+    }
+    Py_ssize_t bad;
+    if (a[0].kind == F32)
+        bad = cross_entropy_f32(a[0].view.buf, a[1].view.buf, with_weight ? a[2].view.buf : NULL,
+                                a[3].view.buf, a[4].view.buf, n, c, ignore_index, (float)eps,
+                                (float)grad_output, reduction);
+    else
+        bad = cross_entropy_f64(a[0].view.buf, a[1].view.buf, with_weight ? a[2].view.buf : NULL,
+                                a[3].view.buf, a[4].view.buf, n, c, ignore_index, eps, grad_output,
+                                reduction);
+    if (bad >= 0) {
+        PyErr_Format(PyExc_ValueError, "target has label %lld at row %zd but logits have %zd classes",
+                     (long long)((const int64_t*)a[1].view.buf)[bad], bad, c);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 5);
+    return result;
+}
+
+/* Check that optimizer buffers p, g, s1 (and s2) are flat, of one float dtype and one length. */
+static int optimizer_arrays(PyObject* const* args, Array* a, int count) {
+    static const char* names[] = {"params", "grad", "state", "state2"};
+    for (int k = 0; k < count; ++k)
+        if (get_array(args[k], &a[k], names[k], 1, k != 1)) return -1;
+    for (int k = 1; k < count; ++k) {
+        if (same_float_kind(&a[0], "params", &a[k], names[k])) return -1;
+        if (dim(&a[k], 0) != dim(&a[0], 0)) {
+            PyErr_Format(PyExc_ValueError, "%s must have the length of params (%zd), got %zd",
+                         names[k], dim(&a[0], 0), dim(&a[k], 0));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* sgd(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first) */
+static PyObject* py_sgd(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[3];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    if (check_nargs(nargs, 9, "sgd")) return NULL;
+    double lr = PyFloat_AsDouble(args[3]), momentum = PyFloat_AsDouble(args[4]);
+    double dampening = PyFloat_AsDouble(args[5]), weight_decay = PyFloat_AsDouble(args[6]);
+    int nesterov = PyObject_IsTrue(args[7]), first = PyObject_IsTrue(args[8]);
+    if (PyErr_Occurred() || optimizer_arrays(args, a, 3)) goto done;
+    Py_ssize_t n = dim(&a[0], 0);
+    Py_BEGIN_ALLOW_THREADS
+    if (a[0].kind == F32)
+        sgd_f32(a[0].view.buf, a[1].view.buf, a[2].view.buf, n, (float)lr, (float)momentum,
+                (float)dampening, (float)weight_decay, nesterov, first);
+    else
+        sgd_f64(a[0].view.buf, a[1].view.buf, a[2].view.buf, n, lr, momentum, dampening,
+                weight_decay, nesterov, first);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 3);
+    return result;
+}
+
+/* adam(p, g, m, v, lr, b1, b2, eps, weight_decay, decoupled, bc1, bc2) */
+static PyObject* py_adam(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[4];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    if (check_nargs(nargs, 12, "adam")) return NULL;
+    double lr = PyFloat_AsDouble(args[4]), b1 = PyFloat_AsDouble(args[5]);
+    double b2 = PyFloat_AsDouble(args[6]), eps = PyFloat_AsDouble(args[7]);
+    double weight_decay = PyFloat_AsDouble(args[8]);
+    int decoupled = PyObject_IsTrue(args[9]);
+    double bc1 = PyFloat_AsDouble(args[10]), bc2 = PyFloat_AsDouble(args[11]);
+    if (PyErr_Occurred() || optimizer_arrays(args, a, 4)) goto done;
+    Py_ssize_t n = dim(&a[0], 0);
+    Py_BEGIN_ALLOW_THREADS
+    if (a[0].kind == F32)
+        adam_f32(a[0].view.buf, a[1].view.buf, a[2].view.buf, a[3].view.buf, n, (float)lr,
+                 (float)b1, (float)b2, (float)eps, (float)weight_decay, decoupled, (float)bc1,
+                 sqrtf((float)bc2));
+    else
+        adam_f64(a[0].view.buf, a[1].view.buf, a[2].view.buf, a[3].view.buf, n, lr, b1, b2, eps,
+                 weight_decay, decoupled, bc1, sqrt(bc2));
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release(a, 4);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"bias_relu", (PyCFunction)(void (*)(void))py_bias_relu, METH_FASTCALL,
+     "bias_relu(y, b): y = max(y + b, 0) in place."},
+    {"relu_backward", (PyCFunction)(void (*)(void))py_relu_backward, METH_FASTCALL,
+     "relu_backward(dy, y, dz, db): dz = dy * (y > 0); db = dz.sum(axis=0) unless None."},
+    {"cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_FASTCALL,
+     "cross_entropy(logits, target, weight, grad, loss, ignore_index, eps, grad_output, "
+     "reduction): loss and gradient in one pass (reduction 0 mean, 1 sum, 2 none)."},
+    {"sgd", (PyCFunction)(void (*)(void))py_sgd, METH_FASTCALL,
+     "sgd(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first): one pass."},
+    {"adam", (PyCFunction)(void (*)(void))py_adam, METH_FASTCALL,
+     "adam(p, g, m, v, lr, b1, b2, eps, weight_decay, decoupled, bc1, bc2): one pass."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    .m_base = PyModuleDef_HEAD_INIT,
+    .m_name = "_cpu_kernels",
+    .m_doc = "Compiled CPU kernels of gpunet (see cpu_kernels.py).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC PyInit__cpu_kernels(void) { return PyModule_Create(&module); }

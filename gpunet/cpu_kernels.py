@@ -1,0 +1,137 @@
+"""Compiled CPU kernels: the fast paths of gpunet's formulas on NumPy arrays.
+
+The CPU twin of ``cuda_kernels.py``. NumPy runs one operation per pass over memory, so the small
+fused steps of training (bias then ReLU, the cross-entropy's eight operations, the optimizer's
+passes) cost several times what one loop over the data would. ``_cpu_kernels.c`` is that one
+loop for each, with the formula of its NumPy twin, which stays the reference:
+
+    bias_relu_                  functional.bias_relu_
+    relu_backward               functional.relu_backward
+    cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
+    optimizer_update            optim.SGD._update, optim.Adam._update
+
+The extension is built by ``pip install`` where a C compiler is found (setup.py marks it
+optional). Without it, or with ``GPUNET_CPU_KERNELS=0``, every formula runs in NumPy: same
+results to rounding, only slower. ``DESCRIPTION`` says which path this process takes.
+
+Each ``*_fits`` function says whether the arrays are ones the kernels take (float32 or float64,
+C-contiguous, host); anything else goes to NumPy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from . import blas
+
+try:
+    from . import _cpu_kernels as _lib
+    DESCRIPTION = "compiled (gpunet._cpu_kernels)"
+except ImportError as error:
+    _lib = None
+    if importlib.util.find_spec(f"{__package__}._cpu_kernels") is None:
+        DESCRIPTION = ("numpy fallback (gpunet._cpu_kernels is not built: pip install found no C "
+                       "compiler, or this source tree was not installed)")
+    else:
+        DESCRIPTION = f"numpy fallback (gpunet._cpu_kernels did not load: {error})"
+if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
+    _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
+
+
+def available() -> bool:
+    """Whether the compiled kernels are loaded (and not switched off) in this process."""
+    return _lib is not None
+
+
+def _host_float(a) -> bool:
+    return type(a) is np.ndarray and a.dtype in _FLOATS and a.flags.c_contiguous
+
+
+# --- Dense + ReLU ----------------------------------------------------------------------------------
+
+def bias_relu_fits(y, b) -> bool:
+    return (_lib is not None and _host_float(y) and y.ndim == 2 and _host_float(b)
+            and b.dtype == y.dtype and b.shape == (y.shape[1],) and y.flags.writeable)
+
+
+def bias_relu_(y, b):
+    """y = max(y + b, 0) in place, in one pass."""
+    _lib.bias_relu(y, b)
+    return y
+
+
+def relu_backward_fits(dy, y, bias_grad) -> bool:
+    return (_lib is not None and _host_float(y) and y.ndim == 2 and _host_float(dy)
+            and dy.dtype == y.dtype and dy.shape == y.shape
+            and (bias_grad is None or (_host_float(bias_grad) and bias_grad.dtype == y.dtype
+                                       and bias_grad.shape == (y.shape[1],)
+                                       and bias_grad.flags.writeable)))
+
+
+def relu_backward(dy, y, bias_grad=None):
+    """dy where y > 0 (else 0), as a new array; with ``bias_grad``, its column sums go there."""
+    out = np.empty_like(y)
+    _lib.relu_backward(dy, y, out, bias_grad)
+    return out
+
+
+# --- cross-entropy -----------------------------------------------------------------------------------
+
+def cross_entropy_fits(plan, grad_output) -> bool:
+    """Class-index targets on host float arrays and a scalar upstream gradient."""
+    x, t, w = plan.logits, plan.target, plan.weight
+    return (_lib is not None and not plan.probability_target and _host_float(x)
+            and type(t) is np.ndarray and (w is None or type(w) is np.ndarray)
+            and (isinstance(grad_output, (int, float)) or np.ndim(grad_output) == 0))
+
+
+def cross_entropy_loss_and_grad(plan, grad_output=1.0):
+    """(loss, dL/dlogits) of a ``functional._CrossEntropyPlan`` in one pass over the logits: the
+    same numbers as its NumPy branch. Out-of-range labels raise ValueError, even unvalidated."""
+    x = plan.logits
+    t = np.ascontiguousarray(plan.target, dtype=np.int64)
+    weight = None if plan.weight is None else np.ascontiguousarray(plan.weight, dtype=x.dtype)
+    grad = np.empty_like(x)
+    reduction = _REDUCTIONS[plan.reduction]
+    loss = np.empty(x.shape[0] if reduction == 2 else (), dtype=x.dtype)
+    _lib.cross_entropy(x, t, weight, grad, loss, int(plan.ignore_index), plan.eps,
+                       float(grad_output), reduction)
+    return loss, grad
+
+
+# --- optimizers ----------------------------------------------------------------------------------------
+
+def optimizer_fits(opt) -> bool:
+    """An SGD or Adam (AdamW) whose update rule is the library's own, on host float buffers.
+
+    SGD prefers its two BLAS passes where numpy's OpenBLAS is reachable (``blas.py``): OpenBLAS
+    runs axpy on every core from its own thread pool, and inside a training step that beat this
+    kernel's single-threaded pass by about 30 us a step (784-256-10 on 2 cores, same run). A
+    thread of our own would fight OpenBLAS's spinning workers for the cores instead.
+    """
+    from .optim import SGD, Adam
+
+    if _lib is None or not _host_float(opt.data):
+        return False
+    rule = type(opt)._update
+    return rule is Adam._update or (rule is SGD._update and not blas.available(opt.data))
+
+
+def optimizer_update(opt) -> None:
+    """One update of every parameter of ``opt`` in one pass over its flat buffers, in place."""
+    from .optim import SGD
+
+    if isinstance(opt, SGD):
+        buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
+        _lib.sgd(opt.data, opt.grad, buf, opt.lr, opt.momentum, opt.dampening, opt.weight_decay,
+                 opt.nesterov, opt.step_count == 1)
+    else:
+        (b1, b2), (bc1, bc2) = opt.betas, opt.bias_corrections()
+        _lib.adam(opt.data, opt.grad, opt.state["exp_avg"], opt.state["exp_avg_sq"], opt.lr, b1,
+                  b2, opt.eps, opt.weight_decay, opt.decoupled, bc1, bc2)
