@@ -8,6 +8,7 @@ one fused kernel for all parameters. Build the optimizer after moving the model 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -69,6 +70,11 @@ class Optimizer:
             self.state = {name: xp.zeros_like(self.data) for name in self.state_names}
             self._scratch = xp.empty_like(self.data)
         self.step_count = 0
+        # On the CPU, the compiled one-pass update where it fits (decided once: the buffers'
+        # dtype and layout are fixed from here on), else the NumPy/BLAS rule of _update.
+        self._host_update = self._update
+        if not is_cuda_array(self.data) and cpu_kernels.optimizer_fits(self):
+            self._host_update = functools.partial(cpu_kernels.optimizer_update, self)
 
     def zero_grad(self) -> None:
         self.grad.fill(0)
@@ -83,10 +89,8 @@ class Optimizer:
         if is_cuda_array(self.data):
             from . import cuda_kernels
             cuda_kernels.optimizer_update(self)
-        elif cpu_kernels.optimizer_fits(self):
-            cpu_kernels.optimizer_update(self)
         else:
-            self._update()
+            self._host_update()
 
     def _update(self) -> None:
         raise NotImplementedError
