@@ -155,7 +155,7 @@ done:
     return result;
 }
 
-/* relu_backward(dy, y, dz, db or None): dz = dy * (y > 0); db = dz.sum(axis=0). */
+/* relu_backward(dy, y, dz, db or None): dz = dy where y > 0, else 0; db = dz.sum(axis=0). */
 static PyObject* py_relu_backward(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     Array a[4];
     memset(a, 0, sizeof a);
@@ -328,7 +328,7 @@ static PyMethodDef methods[] = {
     {"bias_relu", (PyCFunction)(void (*)(void))py_bias_relu, METH_FASTCALL,
      "bias_relu(y, b): y = max(y + b, 0) in place."},
     {"relu_backward", (PyCFunction)(void (*)(void))py_relu_backward, METH_FASTCALL,
-     "relu_backward(dy, y, dz, db): dz = dy * (y > 0); db = dz.sum(axis=0) unless None."},
+     "relu_backward(dy, y, dz, db): dz = dy where y > 0, else 0; db = dz.sum(axis=0) unless None."},
     {"cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_FASTCALL,
      "cross_entropy(logits, target, weight, grad, loss, ignore_index, eps, grad_output, "
      "reduction): loss and gradient in one pass (reduction 0 mean, 1 sum, 2 none)."},
