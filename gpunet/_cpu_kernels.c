@@ -155,13 +155,17 @@ done:
     return result;
 }
 
-/* relu_backward(dy, y, dz, db or None): dz = dy where y > 0, else 0; db = dz.sum(axis=0). */
+/* relu_backward(dy, y, dz, db or None, beta): dz = dy where y > 0, else 0;
+ * db = dz.sum(axis=0) + beta * db (beta = 0: db's old values are ignored). */
 static PyObject* py_relu_backward(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
     Array a[4];
     memset(a, 0, sizeof a);
     PyObject* result = NULL;
+    void* sums = NULL;
     int with_db;
-    if (check_nargs(nargs, 4, "relu_backward")) return NULL;
+    if (check_nargs(nargs, 5, "relu_backward")) return NULL;
+    double beta = PyFloat_AsDouble(args[4]);
+    if (PyErr_Occurred()) return NULL;
     with_db = args[3] != Py_None;
     if (get_array(args[0], &a[0], "dy", 2, 0) || get_array(args[1], &a[1], "y", 2, 0)
         || get_array(args[2], &a[2], "dz", 2, 1)
@@ -181,14 +185,23 @@ static PyObject* py_relu_backward(PyObject* self, PyObject* const* args, Py_ssiz
         PyErr_Format(PyExc_ValueError, "db must have shape (%zd,), got (%zd,)", c, dim(&a[3], 0));
         goto done;
     }
+    void* db = with_db ? a[3].view.buf : NULL;
+    sums = db;  /* beta = 0: the sums go straight to db */
+    if (db && beta != 0.0) {  /* the sums go to scratch first, then into beta * db */
+        if (!(sums = PyMem_Malloc((size_t)(c ? c : 1) * a[1].view.itemsize))) {
+            PyErr_NoMemory();
+            goto done;
+        }
+    } else {
+        db = NULL;
+    }
     if (a[1].kind == F32)
-        relu_backward_f32(a[0].view.buf, a[1].view.buf, a[2].view.buf,
-                          with_db ? a[3].view.buf : NULL, n, c);
+        relu_backward_f32(a[0].view.buf, a[1].view.buf, a[2].view.buf, sums, db, (float)beta, n, c);
     else
-        relu_backward_f64(a[0].view.buf, a[1].view.buf, a[2].view.buf,
-                          with_db ? a[3].view.buf : NULL, n, c);
+        relu_backward_f64(a[0].view.buf, a[1].view.buf, a[2].view.buf, sums, db, beta, n, c);
     result = Py_NewRef(Py_None);
 done:
+    if (sums && sums != a[3].view.buf) PyMem_Free(sums);
     release(a, 4);
     return result;
 }
@@ -324,11 +337,127 @@ done:
     return result;
 }
 
+/* --- gemm through numpy's own OpenBLAS ------------------------------------------------------ */
+
+/* The ILP64 CBLAS gemm of numpy's OpenBLAS; blas.py finds it and hands its address over through
+ * set_gemm (this file links no BLAS of its own). numpy's matmul always has beta = 0; gemm adds a
+ * product into beta * out in the same pass: a gradient added into a momentum buffer. */
+typedef void (*sgemm_fn)(int, int, int, int64_t, int64_t, int64_t, float, const float*, int64_t,
+                         const float*, int64_t, float, float*, int64_t);
+typedef void (*dgemm_fn)(int, int, int, int64_t, int64_t, int64_t, double, const double*, int64_t,
+                         const double*, int64_t, double, double*, int64_t);
+static sgemm_fn sgemm_ptr;
+static dgemm_fn dgemm_ptr;
+
+enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
+
+/* set_gemm(sgemm address or None, dgemm address or None) */
+static PyObject* py_set_gemm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    void* f[2] = {NULL, NULL};
+    if (check_nargs(nargs, 2, "set_gemm")) return NULL;
+    for (int i = 0; i < 2; ++i)
+        if (args[i] != Py_None && !(f[i] = PyLong_AsVoidPtr(args[i])) && PyErr_Occurred())
+            return NULL;
+    sgemm_ptr = (sgemm_fn)f[0];
+    dgemm_ptr = (dgemm_fn)f[1];
+    return Py_NewRef(Py_None);
+}
+
+/* A 2-D operand of gemm: C-contiguous (no transpose) or F-contiguous (a transposed view such as
+ * x.T). Sets the transpose flag and leading dimension; returns 0, or 1 for any other layout. */
+static int gemm_layout(const Py_buffer* v, int* op, int64_t* ld) {
+    if (PyBuffer_IsContiguous(v, 'C')) {
+        *op = NO_TRANS;
+        *ld = v->shape[1] > 1 ? v->shape[1] : 1;
+    } else if (PyBuffer_IsContiguous(v, 'F')) {
+        *op = TRANS;
+        *ld = v->shape[0] > 1 ? v->shape[0] : 1;
+    } else {
+        return 1;
+    }
+    return 0;
+}
+
+static int overlap(const Py_buffer* a, const Py_buffer* b) {
+    const char *a0 = a->buf, *b0 = b->buf;
+    return a->len && b->len && a0 < b0 + b->len && b0 < a0 + a->len;
+}
+
+/* gemm(a, b, beta, out): out = a @ b + beta * out (beta = 0: out's old values are ignored), for
+ * a (M, K), b (K, N) and out (M, N) of one float dtype. Returns False, having done nothing, where
+ * BLAS cannot take the call (no gemm was set, K = 0, an operand neither C- nor F-contiguous, out
+ * read-only, not C-contiguous or overlapping an operand): the caller computes it another way. */
+static PyObject* py_gemm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+    Array a[3];
+    memset(a, 0, sizeof a);
+    PyObject* result = NULL;
+    int op_a, op_b;
+    int64_t ld_a, ld_b;
+    if (check_nargs(nargs, 4, "gemm")) return NULL;
+    double beta = PyFloat_AsDouble(args[2]);
+    if (PyErr_Occurred()) return NULL;
+    const char* names[2] = {"a", "b"};
+    for (int i = 0; i < 2; ++i) {
+        if (PyObject_GetBuffer(args[i], &a[i].view, PyBUF_STRIDES | PyBUF_FORMAT) != 0) goto done;
+        a[i].held = 1;
+        a[i].kind = kind_of(&a[i].view);
+        if (a[i].view.ndim != 2) {
+            PyErr_Format(PyExc_ValueError, "%s must have 2 dimensions, got %d", names[i],
+                         a[i].view.ndim);
+            goto done;
+        }
+    }
+    if (PyObject_GetBuffer(args[3], &a[2].view, PyBUF_STRIDES | PyBUF_FORMAT | PyBUF_WRITABLE)) {
+        PyErr_Clear();  /* read-only: the caller's fallback says what is wrong */
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    a[2].held = 1;
+    a[2].kind = kind_of(&a[2].view);
+    if (same_float_kind(&a[2], "out", &a[0], "a") || same_float_kind(&a[2], "out", &a[1], "b"))
+        goto done;
+    if (a[2].view.ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "out must have 2 dimensions, got %d", a[2].view.ndim);
+        goto done;
+    }
+    int64_t m = dim(&a[0], 0), k = dim(&a[0], 1), n = dim(&a[1], 1);
+    if (dim(&a[1], 0) != k || dim(&a[2], 0) != m || dim(&a[2], 1) != n) {
+        PyErr_Format(PyExc_ValueError, "gemm needs a (M, K), b (K, N) and out (M, N), got a "
+                     "(%zd, %zd), b (%zd, %zd) and out (%zd, %zd)", dim(&a[0], 0), dim(&a[0], 1),
+                     dim(&a[1], 0), dim(&a[1], 1), dim(&a[2], 0), dim(&a[2], 1));
+        goto done;
+    }
+    int f32 = a[2].kind == F32;
+    if ((f32 ? (void*)sgemm_ptr : (void*)dgemm_ptr) == NULL || k == 0  /* BLASes differ there */
+        || gemm_layout(&a[0].view, &op_a, &ld_a) || gemm_layout(&a[1].view, &op_b, &ld_b)
+        || !PyBuffer_IsContiguous(&a[2].view, 'C')
+        || overlap(&a[0].view, &a[2].view) || overlap(&a[1].view, &a[2].view)) {
+        result = Py_NewRef(Py_False);
+        goto done;
+    }
+    if (m && n) {
+        int64_t ldc = n;
+        Py_BEGIN_ALLOW_THREADS
+        if (f32)
+            sgemm_ptr(ROW_MAJOR, op_a, op_b, m, n, k, 1.0f, a[0].view.buf, ld_a, a[1].view.buf,
+                      ld_b, (float)beta, a[2].view.buf, ldc);
+        else
+            dgemm_ptr(ROW_MAJOR, op_a, op_b, m, n, k, 1.0, a[0].view.buf, ld_a, a[1].view.buf,
+                      ld_b, beta, a[2].view.buf, ldc);
+        Py_END_ALLOW_THREADS
+    }
+    result = Py_NewRef(Py_True);
+done:
+    release(a, 3);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"bias_relu", (PyCFunction)(void (*)(void))py_bias_relu, METH_FASTCALL,
      "bias_relu(y, b): y = max(y + b, 0) in place."},
     {"relu_backward", (PyCFunction)(void (*)(void))py_relu_backward, METH_FASTCALL,
-     "relu_backward(dy, y, dz, db): dz = dy where y > 0, else 0; db = dz.sum(axis=0) unless None."},
+     "relu_backward(dy, y, dz, db, beta): dz = dy where y > 0, else 0; "
+     "db = dz.sum(axis=0) + beta * db unless db is None."},
     {"cross_entropy", (PyCFunction)(void (*)(void))py_cross_entropy, METH_FASTCALL,
      "cross_entropy(logits, target, weight, grad, loss, ignore_index, eps, grad_output, "
      "reduction): loss and gradient in one pass (reduction 0 mean, 1 sum, 2 none)."},
@@ -336,6 +465,10 @@ static PyMethodDef methods[] = {
      "sgd(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first): one pass."},
     {"adam", (PyCFunction)(void (*)(void))py_adam, METH_FASTCALL,
      "adam(p, g, m, v, lr, b1, b2, eps, weight_decay, decoupled, bc1, bc2): one pass."},
+    {"set_gemm", (PyCFunction)(void (*)(void))py_set_gemm, METH_FASTCALL,
+     "set_gemm(sgemm, dgemm): the addresses of an ILP64 cblas_sgemm and cblas_dgemm, or None."},
+    {"gemm", (PyCFunction)(void (*)(void))py_gemm, METH_FASTCALL,
+     "gemm(a, b, beta, out): out = a @ b + beta * out; False where BLAS cannot take it."},
     {NULL, NULL, 0, NULL},
 };
 

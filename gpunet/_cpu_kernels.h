@@ -15,9 +15,13 @@ static void NAME(bias_relu)(T* restrict y, const T* restrict b, Py_ssize_t n, Py
 
 /* dz = dy where y > 0, else 0; and db (unless NULL) = the column sums of dz, rows added in
  * order. */
+/* dz = dy where y > 0, else 0; the column sums of dz go to `sums` (NULL: none). With db given
+ * (and beta != 0), db = sums + beta * db afterwards: the rows are summed first, then added to
+ * the old values once, as BLAS gemm adds a product into beta * C. */
 static void NAME(relu_backward)(const T* restrict dy, const T* restrict y, T* restrict dz,
-                                T* restrict db, Py_ssize_t n, Py_ssize_t c) {
-    if (db) memset(db, 0, (size_t)c * sizeof(T));
+                                T* restrict sums, T* restrict db, T beta, Py_ssize_t n,
+                                Py_ssize_t c) {
+    if (sums) memset(sums, 0, (size_t)c * sizeof(T));
     for (Py_ssize_t i = 0; i < n; ++i) {
         const T* restrict g = dy + i * c;
         const T* restrict out = y + i * c;
@@ -26,9 +30,11 @@ static void NAME(relu_backward)(const T* restrict dy, const T* restrict y, T* re
             const T v = g[j];  /* loaded unconditionally: the select then has no branch */
             z[j] = out[j] > (T)0 ? v : (T)0;
         }
-        if (db)
-            for (Py_ssize_t j = 0; j < c; ++j) db[j] += z[j];
+        if (sums)
+            for (Py_ssize_t j = 0; j < c; ++j) sums[j] += z[j];
     }
+    if (db)
+        for (Py_ssize_t j = 0; j < c; ++j) db[j] = sums[j] + beta * db[j];
 }
 
 /* One row of the cross-entropy (the formula is in functional.py): writes the row's gradient

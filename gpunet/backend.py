@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import cpu_kernels
+
 _CUDA_INSTALL_HINT = (
     'install CuPy for your CUDA driver: pip install -e ".[cuda12]" (CUDA 12.x) '
     'or pip install -e ".[cuda13]" (CUDA 13.x)'
@@ -225,13 +227,25 @@ def resolve_dtype(name):
     return np.dtype(ml_dtypes.bfloat16)
 
 
-def matmul(a, b, out=None):
-    """a @ b. On a GPU it goes through gpunet's cuBLAS call while a CUDA graph is being captured
-    (CuPy's own matmul refuses to be captured; see cuda_kernels.matmul)."""
-    if is_cuda_array(a):
-        from . import cuda_kernels
-        return cuda_kernels.matmul(a, b, out=out)
-    return np.matmul(a, b, out=out)
+def matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b, or with ``beta`` (which needs ``out``) out = a @ b + beta * out: a gradient added
+    into a buffer (``Parameter.grad_decay``), in one BLAS call on the CPU.
+
+    On a GPU it goes through gpunet's cuBLAS call while a CUDA graph is being captured (CuPy's
+    own matmul refuses to be captured; see cuda_kernels.matmul)."""
+    if beta:
+        if out is None:
+            raise ValueError("matmul with beta needs out, the array it adds into")
+        if cpu_kernels.gemm(a, b, beta, out):
+            return out
+        product = matmul(a, b)  # elsewhere (a GPU, no compiled kernels): one more pass
+        out *= beta
+        out += product
+        return out
+    if type(a) is np.ndarray or not is_cuda_array(a):
+        return np.matmul(a, b, out=out)
+    from . import cuda_kernels
+    return cuda_kernels.matmul(a, b, out=out)
 
 
 def take_rows(x, indices, out):

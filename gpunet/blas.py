@@ -1,15 +1,19 @@
-"""The two BLAS level-1 calls numpy does not expose, from the OpenBLAS numpy itself loaded.
+"""The three BLAS calls numpy does not expose, from the OpenBLAS numpy itself loaded.
 
 An optimizer step is a few passes over the flat parameter buffer. numpy has no fused
 multiply-add over arrays, so ``buf = momentum * buf + g; p -= lr * buf`` costs four passes and
-a scratch buffer. BLAS has exactly the two operations needed:
+a scratch buffer. BLAS has exactly the operations needed:
 
     axpy:   y = alpha * x + y
     axpby:  y = alpha * x + beta * y
+    gemm:   C = A @ B + beta * C        (numpy's matmul always has beta = 0)
 
-and with them the momentum update costs two passes and no scratch. Calling them through
-``ctypes`` from the OpenBLAS that numpy's wheel ships uses the same library and thread pool as
-``np.matmul`` (a second BLAS, such as SciPy's, would bring a second pool of spinning threads).
+With the first two the momentum update costs two passes and no scratch; with gemm (called from
+the compiled kernels, see ``gemm_address``) a layer's backward adds its weight gradient straight
+into the momentum buffer (``Parameter.grad_decay``) and the update is one pass. Calling them
+through ``ctypes`` from the OpenBLAS that numpy's wheel ships uses the same library and thread
+pool as ``np.matmul`` (a second BLAS, such as SciPy's, would bring a second pool of spinning
+threads).
 
 Only the ILP64 builds with suffixed names (``scipy_cblas_saxpy64_``, numpy >= 2.0 wheels, and
 ``cblas_saxpy64_``, numpy 1.22-1.26 wheels) are used: their integer width is certain. Anywhere
@@ -43,7 +47,7 @@ def _load():
     """{(kind, dtype): ctypes function} from numpy's OpenBLAS, and a description; or ({}, why)."""
     if os.environ.get("GPUNET_BLAS", "").lower() == "numpy":
         return {}, "numpy fallback (GPUNET_BLAS=numpy)"
-    i64, p = ctypes.c_int64, ctypes.c_void_p
+    i32, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p  # CBLAS enums are C ints
     for path in _numpy_blas_libraries():
         try:
             lib = ctypes.CDLL(path)  # already loaded by numpy: this returns the same handle
@@ -52,18 +56,21 @@ def _load():
         for prefix, suffix in _ILP64_NAMES:
             functions = {}
             for dtype, (letter, scalar) in _C_TYPES.items():
-                names = {kind: f"{prefix}{letter}{kind}{suffix}" for kind in ("axpy", "axpby")}
+                names = {kind: f"{prefix}{letter}{kind}{suffix}"
+                         for kind in ("axpy", "axpby", "gemm")}
                 found = {kind: getattr(lib, name, None) for kind, name in names.items()}
                 if None in found.values():
                     break
                 found["axpy"].argtypes = [i64, scalar, p, i64, p, i64]
                 found["axpby"].argtypes = [i64, scalar, p, i64, scalar, p, i64]
+                found["gemm"].argtypes = [i32, i32, i32, i64, i64, i64, scalar, p, i64, p, i64,
+                                          scalar, p, i64]
                 for kind, f in found.items():
                     f.restype = None
                     functions[kind, dtype] = f
             else:
                 return functions, f"{os.path.basename(path)} ({prefix}*{suffix})"
-    return {}, "numpy fallback (numpy's BLAS exports no ILP64 axpby)"
+    return {}, "numpy fallback (numpy's BLAS exports no ILP64 axpy, axpby and gemm)"
 
 
 _FUNCTIONS, DESCRIPTION = _load()
@@ -116,3 +123,10 @@ def axpby(alpha: float, x, beta: float, y):
         f(y.size, alpha, _address(x), 1, beta, _address(y), 1)
     return y
 
+
+def gemm_address(dtype) -> int | None:
+    """The address of the ILP64 CBLAS gemm for ``dtype`` (float32, float64), or None. The
+    compiled kernels call it directly (``cpu_kernels.gemm``): a ctypes call per product would
+    cost more than the pass it saves."""
+    f = _FUNCTIONS.get(("gemm", np.dtype(dtype)))
+    return None if f is None else ctypes.cast(f, ctypes.c_void_p).value

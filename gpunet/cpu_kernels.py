@@ -7,6 +7,7 @@ loop for each, with the formula of its NumPy twin, which stays the reference:
 
     bias_relu_                  functional.bias_relu_
     relu_backward               functional.relu_backward
+    gemm                        backend.matmul with beta (BLAS gemm, which numpy does not expose)
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     optimizer_update            optim.SGD._update, optim.Adam._update
 
@@ -39,6 +40,8 @@ except ImportError as error:
         DESCRIPTION = f"numpy fallback (gpunet._cpu_kernels did not load: {error})"
 if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
     _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
+if _lib is not None:
+    _lib.set_gemm(blas.gemm_address(np.float32), blas.gemm_address(np.float64))
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
@@ -74,11 +77,32 @@ def relu_backward_fits(dy, y, bias_grad) -> bool:
                                        and bias_grad.flags.writeable)))
 
 
-def relu_backward(dy, y, bias_grad=None):
-    """dy where y > 0 (else 0), as a new array; with ``bias_grad``, its column sums go there."""
+def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
+    """dy where y > 0 (else 0), as a new array; with ``bias_grad``, its column sums go there
+    (added to ``beta * bias_grad`` when ``beta`` is not 0)."""
     out = np.empty_like(y)
-    _lib.relu_backward(dy, y, out, bias_grad)
+    _lib.relu_backward(dy, y, out, bias_grad, beta)
     return out
+
+
+# --- a product added into its output ---------------------------------------------------------
+
+def gemm_available(x) -> bool:
+    """Whether :func:`gemm` runs in BLAS for arrays like ``x`` (float32/float64 on the host)."""
+    return (_lib is not None and type(x) is np.ndarray and x.dtype in _FLOATS
+            and blas.gemm_address(x.dtype) is not None)
+
+
+def gemm(a, b, beta: float, out) -> bool:
+    """out = a @ b + beta * out in one BLAS call (numpy's matmul has no beta), where it can:
+    host arrays of one float dtype, a and b C- or F-contiguous (a ``.T`` view is fine), out
+    C-contiguous, writable and apart from a and b. Returns whether it ran; on False nothing
+    was written and the caller computes it another way."""
+    if _lib is None or type(a) is not np.ndarray or type(b) is not np.ndarray \
+            or type(out) is not np.ndarray or out.dtype not in _FLOATS \
+            or not a.dtype == b.dtype == out.dtype:
+        return False
+    return _lib.gemm(a, b, beta, out)
 
 
 # --- cross-entropy -----------------------------------------------------------------------------------

@@ -386,12 +386,20 @@ def _row_sums(x):
     return x.sum(axis=1)
 
 
-def column_sums(x, out):
-    """``x.sum(axis=0)`` into ``out``: a layer's bias gradient. On the CPU it is a product with
-    ones (BLAS gemv): twice as fast as numpy's reduction over rows, and as accurate, since both
-    add the rows one after another."""
+def column_sums(x, out, beta: float = 0.0):
+    """``x.sum(axis=0)`` into ``out`` (plus ``beta * out``: see ``Parameter.grad_decay``): a
+    layer's bias gradient. On the CPU it is a product with ones (BLAS gemv): twice as fast as
+    numpy's reduction over rows, and as accurate, since both add the rows one after another."""
     if not is_cuda_array(x) and x.dtype == out.dtype and x.dtype in (np.float32, np.float64):
-        return np.matmul(_ones(x.shape[0], x.dtype), x, out=out)
+        ones = _ones(x.shape[0], x.dtype)
+        if beta:  # as a (1, N) @ (N, C) product, which BLAS adds into out
+            return matmul(ones[None], x, out=out[None], beta=beta)[0]
+        return np.matmul(ones, x, out=out)
+    if beta:
+        sums = x.sum(axis=0)
+        out *= beta
+        out += sums
+        return out
     return x.sum(axis=0, out=out)
 
 
@@ -452,18 +460,22 @@ def bias_relu_(y, b):
     return np.maximum(y, y.dtype.type(0), out=y)  # a zero of y's dtype: no cast per call
 
 
-def relu_backward(dy, y, bias_grad=None):
+def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
     """dy * (y > 0), the gradient through a ReLU whose output was y; with ``bias_grad`` given,
-    also writes the column sums into it (the bias gradient of the layer before), in one launch."""
+    also writes the column sums into it (the bias gradient of the layer before), in one launch.
+    With ``beta`` the sums are added to ``beta * bias_grad`` (``Parameter.grad_decay``)."""
     if is_cuda_array(y):
         from . import cuda_kernels
         out = get_array_module(y).empty_like(y)
-        return cuda_kernels.relu_backward(dy, y, out, bias_grad)
-    if cpu_kernels.relu_backward_fits(dy, y, bias_grad):
-        return cpu_kernels.relu_backward(dy, y, bias_grad)
-    dz = np.multiply(dy, y > 0)  # several times faster in numpy than where(y > 0, dy, 0)
+        if not beta:
+            return cuda_kernels.relu_backward(dy, y, out, bias_grad)
+        dz = cuda_kernels.relu_backward(dy, y, out)
+    elif cpu_kernels.relu_backward_fits(dy, y, bias_grad):
+        return cpu_kernels.relu_backward(dy, y, bias_grad, beta)
+    else:
+        dz = np.multiply(dy, y > 0)  # several times faster in numpy than where(y > 0, dy, 0)
     if bias_grad is not None:
-        column_sums(dz, bias_grad)
+        column_sums(dz, bias_grad, beta)
     return dz
 
 

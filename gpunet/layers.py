@@ -2,8 +2,11 @@
 ``backward(dy)`` fills the parameters' ``.grad`` and returns ``dx``.
 
 Gradients are *written*, not accumulated: each backward overwrites ``.grad`` (no zero_grad is
-needed between steps, and a parameter shared by two layers is not supported). Layers take numpy
-or cupy input and never ask which: ``get_array_module`` answers for them.
+needed between steps, and a parameter shared by two layers is not supported), unless the
+parameter's ``grad_decay`` is set: then ``grad = dL/dp + grad_decay * grad``, the old values
+added in the same pass (1.0 accumulates over micro-batches; ``SGD.fold_momentum`` sets the
+momentum, so that backward builds the momentum buffer itself). Layers take numpy or cupy input
+and never ask which: ``get_array_module`` answers for them.
 """
 
 from __future__ import annotations
@@ -21,13 +24,26 @@ class Parameter:
 
     Code that updates a parameter writes into ``.data`` in place: optimizers may lay all
     parameters out in one flat buffer, with ``.data`` and ``.grad`` as views into it.
+    ``grad_decay`` (default 0: overwrite) is how much of the old ``.grad`` backward keeps.
     """
 
-    __slots__ = ("data", "grad")
+    __slots__ = ("data", "grad", "_grad_decay")
 
     def __init__(self, data):
         self.data = data
         self.grad = get_array_module(data).zeros_like(data)
+        self._grad_decay = 0.0
+
+    @property
+    def grad_decay(self) -> float:
+        return self._grad_decay
+
+    @grad_decay.setter
+    def grad_decay(self, value) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
+                or not math.isfinite(value):
+            raise ValueError(f"grad_decay must be a finite number, got {value!r}")
+        self._grad_decay = float(value)
 
     @property
     def shape(self):
@@ -209,16 +225,17 @@ class Dense(Module):
                              f" got {dy.shape}")
         mixed = self.compute_dtype is not None and self.compute_dtype != self.weight.dtype
         bias_grad = self.bias.grad if self.bias is not None and not mixed else None
+        bias_beta = 0.0 if self.bias is None else self.bias.grad_decay
         if self.activation == "relu":
-            dy = F.relu_backward(dy, self._saved("y"), bias_grad=bias_grad)
+            dy = F.relu_backward(dy, self._saved("y"), bias_grad=bias_grad, beta=bias_beta)
         elif bias_grad is not None:
-            F.column_sums(dy, bias_grad)
+            F.column_sums(dy, bias_grad, beta=bias_beta)
         if mixed:  # float32 gradients from half-precision products
-            self.weight.grad[...] = matmul(x.T, dy)
+            _add_grad(self.weight, matmul(x.T, dy))
             if self.bias is not None:
-                self.bias.grad[...] = dy.sum(axis=0, dtype=self.bias.grad.dtype)
+                _add_grad(self.bias, dy.sum(axis=0, dtype=self.bias.grad.dtype))
         else:
-            matmul(x.T, dy, out=self.weight.grad)
+            matmul(x.T, dy, out=self.weight.grad, beta=self.weight.grad_decay)
         return matmul(dy, w.T) if input_grad else None
 
     def __repr__(self) -> str:
@@ -303,6 +320,15 @@ class Softmax(Module):
 
     def __repr__(self) -> str:
         return f"Softmax(axis={self.axis})"
+
+
+def _add_grad(p: Parameter, g) -> None:
+    """p.grad = g + p.grad_decay * p.grad (g in any float dtype: it is cast on the way in)."""
+    if p.grad_decay:
+        p.grad *= p.grad_decay
+        p.grad += g
+    else:
+        p.grad[...] = g
 
 
 def _check_grad_shape(layer, y, dy):

@@ -145,14 +145,61 @@ class SGD(Optimizer):
         if self.momentum == 0:
             self.state_names = ()
         super().__init__(params, lr)
+        self._gradient = self.grad  # the flat gradient buffer, while self.grad may be the momentum
+        self.folded = False
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
                 "nesterov": self.nesterov, "weight_decay": self.weight_decay}
 
+    def fold_momentum(self) -> bool:
+        """Let backward build the momentum buffer, and make a step one pass instead of two.
+
+        Each parameter's ``.grad`` becomes its view of the momentum buffer, with ``grad_decay``
+        set to the momentum, so backward leaves ``buf = momentum * buf + g`` there: on the CPU
+        BLAS adds the weight gradient into ``momentum * buf`` inside its product. The step is
+        then ``p -= lr * buf``: the same numbers as unfolded, to rounding, with one pass over
+        the parameters fewer per step (``buf = momentum * buf + g`` is gone).
+
+        Only the plain rule folds (momentum, no dampening, nesterov or weight decay), on host
+        buffers with numpy's BLAS and the compiled kernels; returns whether it did. While
+        folded, ``.grad`` holds the momentum buffer, not the gradient, so nothing may read or
+        rescale gradients between backward and step (clipping, loss scaling), and
+        ``zero_grad`` resets the momentum. ``unfold_momentum`` undoes it.
+        """
+        if self.folded:
+            return True
+        if not (self.momentum and not self.dampening and not self.nesterov
+                and not self.weight_decay and blas.available(self.data)
+                and cpu_kernels.gemm_available(self.data)):
+            return False
+        buf = self.state["momentum_buffer"]
+        if self.step_count == 0:
+            buf.fill(0)  # the first step's buffer is the gradient itself: 0 * momentum + g
+        self._point_grads(buf, self.momentum)
+        self.folded = True
+        return True
+
+    def unfold_momentum(self) -> None:
+        """Give every parameter back its own gradient buffer (stale until the next backward)."""
+        if self.folded:
+            self._point_grads(self._gradient, 0.0)
+            self.folded = False
+
+    def _point_grads(self, flat, decay: float) -> None:
+        offset = 0
+        for p in self.params:
+            p.grad = flat[offset:offset + p.data.size].reshape(p.data.shape)
+            p.grad_decay = decay
+            offset += p.data.size
+        self.grad = flat
+
     def _update(self) -> None:
         # On the CPU each blas call is one pass: axpy/axpby fuse the multiply into the add.
         p, s = self.data, self._scratch
+        if self.folded:  # backward already left momentum * buf + g in the buffer
+            blas.axpy(-self.lr, self.grad, p)
+            return
         d = self.grad
         if self.weight_decay:
             s[...] = d

@@ -241,18 +241,26 @@ class Trainer:
     def _steps(self, order, meter, progress) -> None:
         """The eager loop: a batch gather into fixed buffers, forward, loss, backward, update."""
         data, bs = self.data, self.config.batch_size
-        for step, start in enumerate(range(0, self.n_train, bs)):
-            idx = order[start:start + bs]
-            x, y = self._x_batch[:len(idx)], self._y_batch[:len(idx)]
-            take_rows(data.x_train, idx, out=x)
-            take_rows(data.y_train, idx, out=y)
+        # Momentum SGD on the CPU: backward adds the gradients straight into the momentum buffer
+        # (see SGD.fold_momentum); nothing here reads gradients unless the loss is scaled.
+        folded = (self.loss_scale == 1.0 and isinstance(self.optimizer, optim.SGD)
+                  and self.optimizer.fold_momentum())
+        try:
+            for step, start in enumerate(range(0, self.n_train, bs)):
+                idx = order[start:start + bs]
+                x, y = self._x_batch[:len(idx)], self._y_batch[:len(idx)]
+                take_rows(data.x_train, idx, out=x)
+                take_rows(data.y_train, idx, out=y)
 
-            loss = self.forward_backward(x, y)
-            self.optimizer.step()
-            self.scheduler.step()
+                loss = self.forward_backward(x, y)
+                self.optimizer.step()
+                self.scheduler.step()
 
-            meter.add(loss, step)
-            self._tick(progress, meter, len(idx))
+                meter.add(loss, step)
+                self._tick(progress, meter, len(idx))
+        finally:
+            if folded:
+                self.optimizer.unfold_momentum()
 
     def forward_backward(self, x, y):
         """Forward, the fused loss and backward for one batch: fills every parameter's gradient

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpunet import blas, cpu_kernels, optim
+from gpunet import backend, blas, cpu_kernels, optim
 from gpunet import functional as F
 from gpunet import layers as L
 
@@ -83,6 +83,91 @@ def test_relu_backward_matches_numpy(monkeypatch, rng, dtype, shape, with_bias_g
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_adds_the_bias_gradient_into_beta_times_the_old(monkeypatch, rng, dtype):
+    """beta != 0 (Parameter.grad_decay): the rows are summed first, then added to beta * old."""
+    dy = rng.standard_normal((64, 9)).astype(dtype)
+    y = np.maximum(rng.standard_normal((64, 9)), 0).astype(dtype)
+    old = rng.standard_normal(9).astype(dtype)
+    db = old.copy()
+    got = F.relu_backward(dy, y, bias_grad=db, beta=0.9)
+    numpy_path(monkeypatch)
+    db_ref = old.copy()
+    np.testing.assert_array_equal(got, F.relu_backward(dy, y, bias_grad=db_ref, beta=0.9))
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(db, db_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(db, got.sum(axis=0) + 0.9 * old, rtol=tol, atol=tol)
+
+
+needs_gemm = pytest.mark.skipif(not cpu_kernels.gemm_available(np.zeros(1, np.float32)),
+                                reason="no BLAS gemm reachable from the compiled kernels: "
+                                       f"{cpu_kernels.DESCRIPTION}; {blas.DESCRIPTION}")
+
+
+@needs_gemm
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["a b", "a.T b", "a b.T", "a.T b.T"])
+@pytest.mark.parametrize("beta", [0.0, 0.9, 1.0, -2.5])
+def test_gemm_adds_the_product_into_beta_times_out(rng, dtype, layout, beta):
+    m, k, n = 37, 19, 23
+    a = rng.standard_normal((k, m) if "a.T" in layout else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if "b.T" in layout else (k, n)).astype(dtype)
+    a, b = (a.T if "a.T" in layout else a), (b.T if "b.T" in layout else b)
+    old = rng.standard_normal((m, n)).astype(dtype)
+    out = old.copy() if beta else np.full((m, n), np.nan, dtype)  # beta 0 ignores old values
+    assert cpu_kernels.gemm(a, b, beta, out) is True
+    want = a.astype(np.float64) @ b.astype(np.float64) + (beta * old if beta else 0)
+    tol = 1e-4 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, want, rtol=tol, atol=tol)
+
+
+@needs_gemm
+@pytest.mark.parametrize("case", ["k = 0", "strided a", "out overlaps a", "read-only out",
+                                  "F-ordered out", "float16", "mixed dtypes", "list"])
+def test_gemm_declines_what_blas_cannot_take_and_matmul_still_answers(rng, case):
+    a = rng.standard_normal((4, 3)).astype(np.float32)
+    b = rng.standard_normal((3, 5)).astype(np.float32)
+    out = rng.standard_normal((4, 5)).astype(np.float32)
+    if case == "k = 0":
+        a, b = a[:, :0].copy(), b[:0].copy()
+    elif case == "strided a":
+        a = rng.standard_normal((4, 6)).astype(np.float32)[:, ::2]
+    elif case == "out overlaps a":
+        a = rng.standard_normal((4, 4)).astype(np.float32)
+        b, out = rng.standard_normal((4, 4)).astype(np.float32), a
+    elif case == "read-only out":
+        out.flags.writeable = False
+    elif case == "F-ordered out":
+        out = np.asfortranarray(out)
+    elif case == "float16":
+        a, b, out = a.astype(np.float16), b.astype(np.float16), out.astype(np.float16)
+    elif case == "mixed dtypes":
+        b = b.astype(np.float64)
+    elif case == "list":
+        a = a.tolist()
+    before = out.copy()
+    assert cpu_kernels.gemm(a, b, 0.5, out) is False
+    np.testing.assert_array_equal(out, before)  # nothing written
+    if case in ("read-only out", "list"):
+        return
+    want = np.asarray(a) @ b + 0.5 * before
+    got = backend.matmul(a, b, out=out, beta=0.5)  # the fallback: same formula in numpy
+    np.testing.assert_allclose(got, want, rtol=1e-2 if case == "float16" else 1e-5, atol=1e-2)
+
+
+@needs_gemm
+def test_gemm_argument_checks():
+    f32 = np.float32
+    with pytest.raises(ValueError, match=r"gemm needs a \(M, K\), b \(K, N\) and out \(M, N\), "
+                                         r"got a \(2, 3\), b \(4, 5\) and out \(2, 5\)"):
+        cpu_kernels.gemm(np.zeros((2, 3), f32), np.zeros((4, 5), f32), 0.0, np.zeros((2, 5), f32))
+    with pytest.raises(ValueError, match="b must have 2 dimensions, got 1"):
+        cpu_kernels._lib.gemm(np.zeros((2, 3), f32), np.zeros(3, f32), 0.0, np.zeros((2, 1), f32))
+    with pytest.raises(ValueError, match="matmul with beta needs out"):
+        backend.matmul(np.zeros((2, 3), f32), np.zeros((3, 1), f32), beta=0.5)
+
+
+@needs_kernels
 def test_relu_backward_is_zero_where_the_output_was_zero_even_for_nan_upstream():
     """As in PyTorch and the CUDA kernel: a select, not a multiply by the mask."""
     dy = np.array([[np.nan, 1.0, np.inf]], np.float64)
@@ -131,9 +216,10 @@ def test_arrays_the_kernels_do_not_take_go_to_numpy(rng, case):
      ValueError, "y must have 2 dimension(s), got 1"),
     (lambda k: k.bias_relu([[1.0]], np.zeros(1, np.float32)),
      TypeError, "y must be a C-contiguous, writable array, got list"),
-    (lambda k: k.relu_backward(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((3, 3)), None),
+    (lambda k: k.relu_backward(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((3, 3)), None, 0.0),
      ValueError, "dz must have the shape of y (2, 3), got (3, 3)"),
-    (lambda k: k.relu_backward(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(2)),
+    (lambda k: k.relu_backward(np.zeros((2, 3)), np.zeros((2, 3)), np.zeros((2, 3)), np.zeros(2),
+                               0.0),
      ValueError, "db must have shape (3,), got (2,)"),
     (lambda k: k.cross_entropy(np.zeros((2, 3)), np.array([0, 3]), None, np.zeros((2, 3)),
                                np.zeros(()), -100, 0.0, 1.0, 0),

@@ -73,6 +73,69 @@ def test_backward_overwrites_gradients(rng):
     assert not d.weight.grad.any()
 
 
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_grad_decay_adds_the_gradient_to_the_kept_part(device, on, rng, activation):
+    """grad = dL/dp + grad_decay * old grad, for weight and bias; the gradient itself is the
+    one the float64 check above verifies (decay 0, which ignores even NaN old values)."""
+    d = L.Dense(5, 4, activation=activation, dtype=np.float64, rng=rng).to(device)
+    x, dy = on(rng.standard_normal((6, 5))), on(rng.standard_normal((6, 4)))
+    for p in d.parameters():
+        p.grad[...] = np.nan
+    d(x)
+    d.backward(dy)
+    fresh = [to_numpy(p.grad).copy() for p in d.parameters()]
+    assert all(np.isfinite(f).all() for f in fresh)
+    old = [rng.standard_normal(p.shape) for p in d.parameters()]
+    for p, o in zip(d.parameters(), old):
+        p.grad[...] = on(o)
+        p.grad_decay = 0.7
+    d(x)
+    d.backward(dy)
+    for p, f, o in zip(d.parameters(), fresh, old):
+        np.testing.assert_allclose(to_numpy(p.grad), f + 0.7 * o, rtol=1e-13, atol=1e-13)
+
+
+def test_grad_decay_one_accumulates_micro_batches(device, on, rng):
+    """Two half batches with grad_decay = 1 give the gradient of the whole batch (summed loss)."""
+    model = L.mlp([5, 4, 3], dtype=np.float64, rng=rng).to(device)
+    x, dy = on(rng.standard_normal((8, 5))), on(rng.standard_normal((8, 3)))
+    model(x)
+    model.backward(dy)
+    whole = [to_numpy(p.grad).copy() for p in model.parameters()]
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad_decay = 1.0
+    for half in (slice(0, 4), slice(4, 8)):
+        model(x[half])
+        model.backward(dy[half])
+    for p, w in zip(model.parameters(), whole):
+        np.testing.assert_allclose(to_numpy(p.grad), w, rtol=1e-12, atol=1e-13)
+
+
+def test_grad_decay_under_mixed_precision(rng):
+    d = L.Dense(5, 4, activation="relu", compute_dtype=np.float16, rng=rng)
+    x, dy = rng.standard_normal((6, 5)).astype(np.float16), rng.standard_normal((6, 4))
+    d(x)
+    d.backward(dy.astype(np.float16))
+    fresh = [p.grad.copy() for p in d.parameters()]
+    for p in d.parameters():
+        p.grad[...] = 2.0
+        p.grad_decay = 0.5
+    d(x)
+    d.backward(dy.astype(np.float16))
+    for p, f in zip(d.parameters(), fresh):
+        assert p.grad.dtype == np.float32
+        np.testing.assert_allclose(p.grad, f + 1.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), "0.9", None, True])
+def test_grad_decay_must_be_a_finite_number(value):
+    p = L.Parameter(np.zeros(3))
+    with pytest.raises(ValueError, match="grad_decay must be a finite number, got"):
+        p.grad_decay = value
+    assert p.grad_decay == 0.0
+
+
 def test_wrong_feature_size_and_dtype():
     d = L.Dense(784, 10)
     with pytest.raises(ValueError, match=r"Dense\(784, 10\) expects input of shape \(N, 784\), got \(2, 100\)"):

@@ -90,6 +90,79 @@ def test_sgd_blas_and_numpy_fallback_agree(monkeypatch, rng, dtype, kind, kw):
                                atol=1e-6 if dtype == np.float32 else 1e-14)
 
 
+needs_fold = pytest.mark.skipif(
+    not (blas.available(np.zeros(1)) and cpu_kernels.gemm_available(np.zeros(1))),
+    reason=f"momentum folds only with numpy's BLAS and the compiled kernels: {blas.DESCRIPTION}; "
+           f"{cpu_kernels.DESCRIPTION}")
+
+
+def train_steps(model, opt, batches, fold_after=None):
+    for i, (x, dy) in enumerate(batches):
+        if i == fold_after:
+            assert opt.fold_momentum()
+        model(x)
+        model.backward(dy, input_grad=False)
+        opt.step()
+
+
+@needs_fold
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("fold_after", [0, 2])
+def test_folded_momentum_follows_the_same_trajectory(rng, dtype, fold_after):
+    """Backward adding into the momentum buffer, then p -= lr * buf: the rule of SGD, folded
+    from the first step or from a later one (the buffer carries over)."""
+    batches = [(rng.standard_normal((16, 6)).astype(dtype), rng.standard_normal((16, 3)).astype(dtype))
+               for _ in range(6)]
+    runs = []
+    for fold in (None, fold_after):
+        model = L.mlp([6, 5, 3], dtype=dtype, rng=np.random.default_rng(5))
+        opt = optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        train_steps(model, opt, batches, fold)
+        assert opt.folded == (fold is not None)
+        runs.append(([p.data.copy() for p in model.parameters()],
+                     opt.state["momentum_buffer"].copy()))
+    (plain, plain_buf), (folded, folded_buf) = runs
+    tol = 1e-5 if dtype == np.float32 else 1e-13
+    for a, b in zip(plain, folded):
+        np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
+    np.testing.assert_allclose(folded_buf, plain_buf, rtol=tol, atol=tol)
+
+
+@needs_fold
+def test_unfold_gives_the_gradients_back(rng):
+    model = L.mlp([4, 3, 2], dtype=np.float64, rng=rng)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert opt.fold_momentum() and opt.fold_momentum()  # a second call is a no-op
+    buf = opt.state["momentum_buffer"]
+    for p in model.parameters():
+        assert np.shares_memory(p.grad, buf) and p.grad_decay == 0.9
+    opt.unfold_momentum()
+    assert not opt.folded and opt.grad is not buf
+    for p in model.parameters():
+        assert np.shares_memory(p.grad, opt.grad) and p.grad_decay == 0.0
+    x, dy = rng.standard_normal((5, 4)), rng.standard_normal((5, 2))
+    model(x)
+    model.backward(dy)  # plain gradients again: the step below is the two-pass rule
+    assert not buf.any() and opt.grad.any()
+
+
+@pytest.mark.parametrize("kw", [{}, {"momentum": 0.9, "nesterov": True},
+                                {"momentum": 0.9, "dampening": 0.1},
+                                {"momentum": 0.9, "weight_decay": 1e-4}])
+def test_only_the_plain_momentum_rule_folds(rng, kw):
+    model = L.mlp([4, 3, 2], rng=rng)
+    opt = optim.SGD(model.parameters(), lr=0.1, **kw)
+    assert opt.fold_momentum() is False and not opt.folded
+    assert all(p.grad_decay == 0.0 and np.shares_memory(p.grad, opt.grad)
+               for p in model.parameters())
+
+
+def test_no_fold_without_the_compiled_kernels(monkeypatch, rng):
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    opt = optim.SGD(L.mlp([4, 3, 2], rng=rng).parameters(), lr=0.1, momentum=0.9)
+    assert opt.fold_momentum() is False
+
+
 @pytest.mark.parametrize("kind,kw", CONFIGS)
 def test_matches_torch(rng, kind, kw):
     torch = pytest.importorskip("torch")
@@ -131,6 +204,25 @@ def test_step_allocates_no_parameter_sized_arrays(rng, kind, kw):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < opt.data.nbytes / 10, f"step allocated {peak} bytes"
+
+
+@needs_fold
+def test_folded_backward_and_step_allocate_no_parameter_sized_arrays(rng):
+    model = L.mlp([256, 256, 10], rng=rng)
+    opt = optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    assert opt.fold_momentum()
+    x, dy = rng.standard_normal((4, 256)).astype(np.float32), rng.standard_normal((4, 10)).astype(np.float32)
+    for _ in range(2):
+        model(x)
+        model.backward(dy, input_grad=False)
+        opt.step()
+    tracemalloc.start()
+    model(x)
+    model.backward(dy, input_grad=False)
+    opt.step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < opt.data.nbytes / 10, f"backward and step allocated {peak} bytes"
 
 
 def test_replaced_parameter_is_detected(rng):

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from gpunet import checkpoint
+from gpunet import checkpoint, optim
 from gpunet.datasets import load_mnist
 from gpunet.trainer import (DeviceData, TrainConfig, Trainer, TrainingDiverged, fit,
                             prepare_mnist)
@@ -179,6 +179,26 @@ def test_other_dtypes_train_like_float32(small_mnist, dtype):
     assert result["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=0.01)
     assert result["history"][-1]["train_loss"] == pytest.approx(
         reference["history"][-1]["train_loss"], rel=0.02)
+
+
+def test_folded_momentum_trains_like_the_two_pass_update(small_mnist, monkeypatch):
+    """The eager CPU loop folds momentum into backward (SGD.fold_momentum) for the epoch only;
+    the weights it reaches are those of the plain update, to float32 rounding."""
+    config = quick(epochs=1, schedule="constant", label_smoothing=0.0)
+    folded = Trainer(config, small_mnist, quiet=True)
+    seen = []
+    monkeypatch.setattr(folded.optimizer, "step",
+                        lambda real=folded.optimizer.step: (seen.append(folded.optimizer.folded), real()))
+    folded.train_epoch()
+    if not all(seen):
+        pytest.skip("momentum does not fold here (no numpy BLAS or compiled kernels)")
+    assert not folded.optimizer.folded
+    assert all(p.grad_decay == 0.0 for p in folded.model.parameters())
+    monkeypatch.setattr(optim.SGD, "fold_momentum", lambda self: False)
+    plain = Trainer(config, small_mnist, quiet=True)
+    plain.train_epoch()
+    for a, b in zip(parameters(folded), parameters(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_evaluate_counts_on_the_device(small_mnist):
