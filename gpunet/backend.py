@@ -254,6 +254,8 @@ def take_rows(x, indices, out):
     numpy buffers ``take(..., out=)`` in its default mode="raise"; the indices come from a
     permutation and are always in range, so mode="clip" lets it write straight into ``out``.
     """
+    if type(x) is np.ndarray:  # the method: np.take's Python wrapper costs 4x the call
+        return x.take(indices, axis=0, out=out, mode="clip")
     if is_cuda_array(x):
         return sys.modules["cupy"].take(x, indices, axis=0, out=out)
     return np.take(x, indices, axis=0, out=out, mode="clip")

@@ -124,6 +124,20 @@ def axpby(alpha: float, x, beta: float, y):
     return y
 
 
+def bound_axpy(x, y):
+    """``step(alpha)``: y += alpha * x for these two arrays, with the checks and pointers of
+    :func:`axpy` worked out once: for buffers that live as long as the caller, such as an
+    optimizer's (about 3 us a call saved)."""
+    f = _blas_function("axpy", x, y)
+    if f is None or not y.size:
+        return lambda alpha: axpy(alpha, x, y)
+    n, px, py = y.size, _address(x), _address(y)
+
+    def step(alpha, _keep=(x, y)):  # _keep: the arrays stay alive as long as their pointers
+        f(n, alpha, px, 1, py, 1)
+    return step
+
+
 def gemm_address(dtype) -> int | None:
     """The address of the ILP64 CBLAS gemm for ``dtype`` (float32, float64), or None. The
     compiled kernels call it directly (``cpu_kernels.gemm``): a ctypes call per product would

@@ -177,6 +177,7 @@ class SGD(Optimizer):
         if self.step_count == 0:
             buf.fill(0)  # the first step's buffer is the gradient itself: 0 * momentum + g
         self._point_grads(buf, self.momentum)
+        self._folded_step = blas.bound_axpy(buf, self.data)
         self.folded = True
         return True
 
@@ -198,7 +199,7 @@ class SGD(Optimizer):
         # On the CPU each blas call is one pass: axpy/axpby fuse the multiply into the add.
         p, s = self.data, self._scratch
         if self.folded:  # backward already left momentum * buf + g in the buffer
-            blas.axpy(-self.lr, self.grad, p)
+            self._folded_step(-self.lr)
             return
         d = self.grad
         if self.weight_decay:

@@ -39,6 +39,19 @@ def test_axpy_and_axpby_match_float64(path, rng, dtype, n):
     np.testing.assert_allclose(y2, want_axpby, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [0, 1, 100_003])
+def test_bound_axpy_is_axpy_on_fixed_arrays(path, rng, dtype, n):
+    x, y = rng.standard_normal(n).astype(dtype), rng.standard_normal(n).astype(dtype)
+    want = y.copy()
+    blas.axpy(-0.3, x, want)
+    blas.axpy(0.5, x, want)
+    step = blas.bound_axpy(x, y)
+    step(-0.3)
+    step(0.5)
+    np.testing.assert_array_equal(y, want)
+
+
 def test_the_blas_routine_is_what_runs(monkeypatch, rng):
     if not blas._FUNCTIONS:
         pytest.skip(f"numpy's BLAS is not usable here: {blas.DESCRIPTION}")
