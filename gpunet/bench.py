@@ -13,7 +13,8 @@ data already on the device) is timed for each contender:
                       layer-by-layer backward computes (gpunet's model.backward by default)
 
 Every contender is warmed up once, then each runs once per round, the order rotating every round;
-medians and ratios are printed as a markdown table and every sample goes to a JSON file. The run
+medians and ratios are printed as a markdown table (with each ratio also taken within every round,
+whose samples are seconds apart) and every sample goes to a JSON file. The run
 also times the default recipe to 98% test accuracy and, on a GPU, adds the launch-overhead floor
 and a kernel benchmark of the fused cross-entropy. Benchmarks print and write numbers; nothing
 here asserts on them.
@@ -381,12 +382,24 @@ def benchmark_model(w: Workload, keys, repeats: int, say, settle: float = SETTLE
     medians = {k: v.get("median") for k, v in results.items()}
     ratios = {name: medians[a] / medians[b] for name, a, b in RATIOS
               if medians.get(a) and medians.get(b)}
+    within = {name: _ratios_within_rounds(results[a]["samples"], results[b]["samples"])
+              for name, a, b in RATIOS if medians.get(a) and medians.get(b)}
     out = {"hidden": w.hidden, "widths": [IN_FEATURES, w.hidden, NUM_CLASSES],
            "steps_per_epoch": w.steps, "order_per_round": order_log,
-           "accuracy_rows": min(ACCURACY_ROWS, w.n), "contenders": results, "ratios": ratios}
+           "accuracy_rows": min(ACCURACY_ROWS, w.n), "contenders": results, "ratios": ratios,
+           "ratios_within_rounds": within}
     if launch is not None:
         out["device_ops_per_step"] = launch
     return out
+
+
+def _ratios_within_rounds(a: list, b: list) -> dict:
+    """a / b for the two samples of each round (sample i of every contender is from round i; a
+    contender that fails only loses its later rounds). The samples of one round are seconds
+    apart, so these ratios show how much a ratio of medians owes to the machine's drift."""
+    per_round = [x / y for x, y in zip(a, b)]
+    return {"median": statistics.median(per_round), "min": min(per_round),
+            "max": max(per_round), "per_round": per_round}
 
 
 def build_contenders(w: Workload, keys, say) -> tuple[dict, dict]:
@@ -831,6 +844,14 @@ def format_report(result: dict) -> str:
         if any(c is not None for c in cells):
             lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | "
                          + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    lines += ["", "### Ratios within each round (median over rounds, and min–max)", "",
+              "| ratio | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for key, a, b in RATIOS:
+        cells = [models[label].get("ratios_within_rounds", {}).get(key) for label in models]
+        if any(c is not None for c in cells):
+            lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | " + " | ".join(
+                "–" if c is None else f"{c['median']:.2f} ({c['min']:.2f}–{c['max']:.2f})"
+                for c in cells) + " |")
     rows = next(iter(models.values()))["accuracy_rows"]
     lines += ["", f"train acc: accuracy on the first {rows} training images after the epochs "
               "each contender ran, a check that all of them train (the GEMM floors train "

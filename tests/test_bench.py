@@ -57,6 +57,9 @@ def test_every_contender_has_its_samples_and_the_ratios_are_there(tiny):
     for key in ("trainer/floor", "trainer/floor_input_grad", "trainer/textbook",
                 "layer_api/trainer"):
         assert model["ratios"][key] > 0
+        within = model["ratios_within_rounds"][key]  # one round: the same ratio
+        assert within["per_round"] == [pytest.approx(model["ratios"][key])]
+        assert within["min"] == within["median"] == within["max"]
     available = [k for k in bench.DEFAULT_CONTENDERS["cpu"]
                  if model["contenders"][k]["status"] == "ok"]
     assert model["order_per_round"] == [available]  # torch drops out where it is not installed
@@ -67,6 +70,7 @@ def test_the_table_names_every_contender(tiny):
     for key in bench.DEFAULT_CONTENDERS["cpu"]:
         assert f"| {bench.CONTENDERS[key]} |" in table
     assert "| gpunet trainer / GEMM floor |" in table
+    assert "### Ratios within each round" in table
     assert str(path) in table
 
 
@@ -79,6 +83,12 @@ def test_without_torch_its_contender_is_reported_unavailable(tmp_path, monkeypat
     assert entries["trainer"]["status"] == "ok"
     assert result["versions"]["torch"].startswith("unavailable")
     assert "| torch eager | unavailable" in table
+
+
+def test_ratios_within_rounds_pair_the_samples_of_each_round():
+    within = bench._ratios_within_rounds([2.0, 6.0, 3.0, 9.0], [1.0, 2.0, 3.0])
+    assert within["per_round"] == [2.0, 3.0, 1.0]  # the fourth round lost its pair
+    assert (within["median"], within["min"], within["max"]) == (2.0, 1.0, 3.0)
 
 
 def test_rounds_rotate_the_order(tmp_path):
