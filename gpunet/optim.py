@@ -182,7 +182,8 @@ class SGD(Optimizer):
         return True
 
     def unfold_momentum(self) -> None:
-        """Give every parameter back its own gradient buffer (stale until the next backward)."""
+        """Give every parameter back its own gradient buffer (stale until the next backward),
+        with ``grad_decay`` 0: backward overwrites gradients again."""
         if self.folded:
             self._point_grads(self._gradient, 0.0)
             self.folded = False
