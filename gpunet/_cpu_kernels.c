@@ -353,11 +353,13 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
 /* set_gemm(sgemm address or None, dgemm address or None) */
 static PyObject* py_set_gemm(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-    void* f[2] = {NULL, NULL};
+    uintptr_t f[2] = {0, 0};  /* an address as an integer, as dlsym's callers do */
     if (check_nargs(nargs, 2, "set_gemm")) return NULL;
     for (int i = 0; i < 2; ++i)
-        if (args[i] != Py_None && !(f[i] = PyLong_AsVoidPtr(args[i])) && PyErr_Occurred())
-            return NULL;
+        if (args[i] != Py_None) {
+            f[i] = (uintptr_t)PyLong_AsUnsignedLongLong(args[i]);
+            if (PyErr_Occurred()) return NULL;
+        }
     sgemm_ptr = (sgemm_fn)f[0];
     dgemm_ptr = (dgemm_fn)f[1];
     return Py_NewRef(Py_None);
@@ -428,7 +430,7 @@ static PyObject* py_gemm(PyObject* self, PyObject* const* args, Py_ssize_t nargs
         goto done;
     }
     int f32 = a[2].kind == F32;
-    if ((f32 ? (void*)sgemm_ptr : (void*)dgemm_ptr) == NULL || k == 0  /* BLASes differ there */
+    if ((f32 ? sgemm_ptr == NULL : dgemm_ptr == NULL) || k == 0  /* BLASes differ at K = 0 */
         || gemm_layout(&a[0].view, &op_a, &ld_a) || gemm_layout(&a[1].view, &op_b, &ld_b)
         || !PyBuffer_IsContiguous(&a[2].view, 'C')
         || overlap(&a[0].view, &a[2].view) || overlap(&a[1].view, &a[2].view)) {

@@ -13,11 +13,9 @@ static void NAME(bias_relu)(T* restrict y, const T* restrict b, Py_ssize_t n, Py
     }
 }
 
-/* dz = dy where y > 0, else 0; and db (unless NULL) = the column sums of dz, rows added in
- * order. */
-/* dz = dy where y > 0, else 0; the column sums of dz go to `sums` (NULL: none). With db given
- * (and beta != 0), db = sums + beta * db afterwards: the rows are summed first, then added to
- * the old values once, as BLAS gemm adds a product into beta * C. */
+/* dz = dy where y > 0, else 0; the column sums of dz, rows added in order, go to `sums` (NULL:
+ * none). With db given (beta != 0), db = sums + beta * db afterwards: the rows are summed first
+ * and then added to the old values once, as BLAS gemm adds a product into beta * C. */
 static void NAME(relu_backward)(const T* restrict dy, const T* restrict y, T* restrict dz,
                                 T* restrict sums, T* restrict db, T beta, Py_ssize_t n,
                                 Py_ssize_t c) {

@@ -47,7 +47,7 @@ def _load():
     """{(kind, dtype): ctypes function} from numpy's OpenBLAS, and a description; or ({}, why)."""
     if os.environ.get("GPUNET_BLAS", "").lower() == "numpy":
         return {}, "numpy fallback (GPUNET_BLAS=numpy)"
-    i32, i64, p = ctypes.c_int, ctypes.c_int64, ctypes.c_void_p  # CBLAS enums are C ints
+    i64, p = ctypes.c_int64, ctypes.c_void_p  # gemm is called from C only: see gemm_address
     for path in _numpy_blas_libraries():
         try:
             lib = ctypes.CDLL(path)  # already loaded by numpy: this returns the same handle
@@ -63,8 +63,6 @@ def _load():
                     break
                 found["axpy"].argtypes = [i64, scalar, p, i64, p, i64]
                 found["axpby"].argtypes = [i64, scalar, p, i64, scalar, p, i64]
-                found["gemm"].argtypes = [i32, i32, i32, i64, i64, i64, scalar, p, i64, p, i64,
-                                          scalar, p, i64]
                 for kind, f in found.items():
                     f.restype = None
                     functions[kind, dtype] = f

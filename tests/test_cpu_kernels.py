@@ -156,6 +156,21 @@ def test_gemm_declines_what_blas_cannot_take_and_matmul_still_answers(rng, case)
 
 
 @needs_gemm
+def test_gemm_declines_when_no_blas_was_handed_over(rng):
+    a, b = rng.standard_normal((3, 4)), rng.standard_normal((4, 2))
+    out = np.zeros((3, 2))
+    cpu_kernels._lib.set_gemm(None, None)
+    try:
+        assert cpu_kernels.gemm(a, b, 1.0, out) is False and not out.any()
+    finally:
+        cpu_kernels._lib.set_gemm(blas.gemm_address(np.float32), blas.gemm_address(np.float64))
+    assert cpu_kernels.gemm(a, b, 1.0, out) is True
+    np.testing.assert_allclose(out, a @ b)
+    with pytest.raises(TypeError):
+        cpu_kernels._lib.set_gemm("not an address", None)
+
+
+@needs_gemm
 def test_gemm_argument_checks():
     f32 = np.float32
     with pytest.raises(ValueError, match=r"gemm needs a \(M, K\), b \(K, N\) and out \(M, N\), "
