@@ -238,14 +238,22 @@ def matmul(a, b, out=None, beta: float = 0.0):
             raise ValueError("matmul with beta needs out, the array it adds into")
         if cpu_kernels.gemm(a, b, beta, out):
             return out
-        product = matmul(a, b)  # elsewhere (a GPU, no compiled kernels): one more pass
-        out *= beta
-        out += product
-        return out
+        return add_into(out, matmul(a, b), beta)  # elsewhere (a GPU, no kernels): one more pass
     if type(a) is np.ndarray or not is_cuda_array(a):
         return np.matmul(a, b, out=out)
     from . import cuda_kernels
     return cuda_kernels.matmul(a, b, out=out)
+
+
+def add_into(out, value, beta: float):
+    """out = value + beta * out, in place; beta = 0 overwrites (out's old values, NaN included,
+    are ignored). What ``Parameter.grad_decay`` asks of a gradient that no kernel added in."""
+    if beta:
+        out *= beta
+        out += value
+    else:
+        out[...] = value
+    return out
 
 
 def take_rows(x, indices, out):

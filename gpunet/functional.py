@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from . import cpu_kernels
-from .backend import get_array_module, is_cuda_array, matmul
+from .backend import add_into, get_array_module, is_cuda_array, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -396,10 +396,7 @@ def column_sums(x, out, beta: float = 0.0):
             return matmul(ones[None], x, out=out[None], beta=beta)[0]
         return np.matmul(ones, x, out=out)
     if beta:
-        sums = x.sum(axis=0)
-        out *= beta
-        out += sums
-        return out
+        return add_into(out, x.sum(axis=0), beta)
     return x.sum(axis=0, out=out)
 
 

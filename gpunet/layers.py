@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from .backend import default_rng, device_of, get_array_module, matmul, to_device
+from .backend import add_into, default_rng, device_of, get_array_module, matmul, to_device
 
 
 class Parameter:
@@ -231,9 +231,10 @@ class Dense(Module):
         elif bias_grad is not None:
             F.column_sums(dy, bias_grad, beta=bias_beta)
         if mixed:  # float32 gradients from half-precision products
-            _add_grad(self.weight, matmul(x.T, dy))
+            add_into(self.weight.grad, matmul(x.T, dy), self.weight.grad_decay)
             if self.bias is not None:
-                _add_grad(self.bias, dy.sum(axis=0, dtype=self.bias.grad.dtype))
+                add_into(self.bias.grad, dy.sum(axis=0, dtype=self.bias.grad.dtype),
+                         self.bias.grad_decay)
         else:
             matmul(x.T, dy, out=self.weight.grad, beta=self.weight.grad_decay)
         return matmul(dy, w.T) if input_grad else None
@@ -320,15 +321,6 @@ class Softmax(Module):
 
     def __repr__(self) -> str:
         return f"Softmax(axis={self.axis})"
-
-
-def _add_grad(p: Parameter, g) -> None:
-    """p.grad = g + p.grad_decay * p.grad (g in any float dtype: it is cast on the way in)."""
-    if p.grad_decay:
-        p.grad *= p.grad_decay
-        p.grad += g
-    else:
-        p.grad[...] = g
 
 
 def _check_grad_shape(layer, y, dy):

@@ -28,15 +28,18 @@ def flatten_parameters(params: list[Parameter]):
     total = sum(p.data.size for p in params)
     with device_of(first).scope():
         data, grad = xp.empty(total, first.dtype), xp.empty(total, first.dtype)
+    for p, d, g in zip(params, parameter_views(data, params), parameter_views(grad, params)):
+        d[...], g[...] = p.data, p.grad
+        p.data, p.grad = d, g
+    return data, grad
+
+
+def parameter_views(flat, params):
+    """Each parameter's part of a flat buffer laid out by ``flatten_parameters``, shaped like it."""
     offset = 0
     for p in params:
-        n, shape = p.data.size, p.data.shape
-        data[offset:offset + n] = p.data.ravel()
-        grad[offset:offset + n] = p.grad.ravel()
-        p.data = data[offset:offset + n].reshape(shape)
-        p.grad = grad[offset:offset + n].reshape(shape)
-        offset += n
-    return data, grad
+        yield flat[offset:offset + p.data.size].reshape(p.data.shape)
+        offset += p.data.size
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> float:
@@ -189,11 +192,8 @@ class SGD(Optimizer):
             self.folded = False
 
     def _point_grads(self, flat, decay: float) -> None:
-        offset = 0
-        for p in self.params:
-            p.grad = flat[offset:offset + p.data.size].reshape(p.data.shape)
-            p.grad_decay = decay
-            offset += p.data.size
+        for p, view in zip(self.params, parameter_views(flat, self.params)):
+            p.grad, p.grad_decay = view, decay
         self.grad = flat
 
     def _update(self) -> None:
