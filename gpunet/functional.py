@@ -463,10 +463,9 @@ def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
     With ``beta`` the sums are added to ``beta * bias_grad`` (``Parameter.grad_decay``)."""
     if is_cuda_array(y):
         from . import cuda_kernels
-        out = get_array_module(y).empty_like(y)
         if not beta:
-            return cuda_kernels.relu_backward(dy, y, out, bias_grad)
-        dz = cuda_kernels.relu_backward(dy, y, out)
+            return cuda_kernels.relu_backward(dy, y, bias_grad=bias_grad)
+        dz = cuda_kernels.relu_backward(dy, y)
     elif cpu_kernels.relu_backward_fits(dy, y, bias_grad):
         return cpu_kernels.relu_backward(dy, y, bias_grad, beta)
     else:
