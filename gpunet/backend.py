@@ -1,6 +1,6 @@
 """The backend shim: NumPy or CuPy, chosen by device name.
 
-This module and ``cuda_kernels.py`` are the only ones that import cupy, and they do it only when a
+This module and ``kernels/cuda.py`` are the only ones that import cupy, and they do it only when a
 CUDA device is asked for, so ``import gpunet`` works on a machine with no CUDA at all. Every other
 module writes its formula once and asks ``xp = get_array_module(x)`` which library to run it on.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import cpu_kernels
+from .kernels import cpu as cpu_kernels
 
 _CUDA_INSTALL_HINT = (
     'install CuPy for your CUDA driver: pip install -e ".[cuda13]" (a CUDA 13 driver, R580 or '
@@ -267,9 +267,9 @@ def matmul(a, b, out=None, beta: float = 0.0):
     into a buffer (``Parameter.grad_decay``), in one BLAS call on either device.
 
     On a GPU every product goes through gpunet's own cuBLAS handle, which a CUDA graph can
-    capture (CuPy's matmul cannot be captured; see cublas.py)."""
+    capture (CuPy's matmul cannot be captured; see kernels/cublas.py)."""
     if type(a) is not np.ndarray and is_cuda_array(a):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         return cuda_kernels.matmul(a, b, out=out, beta=beta)
     if not beta:
         return np.matmul(a, b, out=out)

@@ -41,7 +41,8 @@ import numpy as np
 
 import gpunet
 
-from . import blas, checkpoint
+from . import checkpoint
+from .kernels import blas
 from .backend import Device, DeviceError, get_device, manual_seed, to_device, to_numpy
 from .datasets import DatasetError, load_mnist, resolve_root
 from .functional import softmax_cross_entropy_with_grad

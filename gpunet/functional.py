@@ -21,7 +21,7 @@ import numbers
 
 import numpy as np
 
-from . import cpu_kernels
+from .kernels import cpu as cpu_kernels
 from .backend import add_into, get_array_module, is_cuda_array, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -307,7 +307,7 @@ class _CrossEntropyPlan:
             return dx.astype(x.dtype, copy=False)
         args = self._kernel_arguments(scale)
         if is_cuda_array(x):
-            from . import cuda_kernels
+            from .kernels import cuda as cuda_kernels
             return cuda_kernels.cross_entropy_grad(x, lse, *args)
         return cross_entropy_grad_reference(x, lse, *args)
 
@@ -321,7 +321,7 @@ class _CrossEntropyPlan:
         """(loss, gradient) computing exp(x - max) once for both."""
         xp, x = self.xp, self.logits
         if not self.probability_target and is_cuda_array(x):
-            from . import cuda_kernels
+            from .kernels import cuda as cuda_kernels
             return cuda_kernels.cross_entropy_loss_and_grad(self, grad_output)
         if cpu_kernels.cross_entropy_fits(self, grad_output):
             return cpu_kernels.cross_entropy_loss_and_grad(self, grad_output)
@@ -449,7 +449,7 @@ def linear(x, w, b=None, relu: bool = False):
 def bias_relu_(y, b):
     """y = max(y + b, 0), in place: a Dense layer's bias and ReLU in one pass (one launch)."""
     if is_cuda_array(y):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         return cuda_kernels.bias_relu_(y, b)
     if cpu_kernels.bias_relu_fits(y, b):
         return cpu_kernels.bias_relu_(y, b)
@@ -462,7 +462,7 @@ def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
     also writes the column sums into it (the bias gradient of the layer before), in one launch.
     With ``beta`` the sums are added to ``beta * bias_grad`` (``Parameter.grad_decay``)."""
     if is_cuda_array(y):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         if not beta:
             return cuda_kernels.relu_backward(dy, y, bias_grad=bias_grad)
         dz = cuda_kernels.relu_backward(dy, y)
@@ -481,7 +481,7 @@ def count_correct(logits, labels, out=None):
     if out is None:
         out = xp.zeros((), dtype=np.uint64)
     if is_cuda_array(logits):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         return cuda_kernels.count_correct(logits, labels, out)
     out += np.uint64(np.count_nonzero(logits.argmax(axis=1) == labels))
     return out

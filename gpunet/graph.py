@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_kernels
+from .kernels import cuda as cuda_kernels
 
 
 class GraphStep:

@@ -12,7 +12,7 @@ import functools
 import math
 import numbers
 
-from . import blas, cpu_kernels
+from .kernels import blas, cpu as cpu_kernels
 from .backend import device_of, get_array_module, is_cuda_array, to_device
 from .layers import Parameter
 
@@ -90,7 +90,7 @@ class Optimizer:
                                    "(model.to() or assignment); build the optimizer afterwards")
         self.step_count += 1
         if is_cuda_array(self.data):
-            from . import cuda_kernels
+            from .kernels import cuda as cuda_kernels
             cuda_kernels.optimizer_update(self)
         else:
             self._host_update()

@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from gpunet import blas, cpu_kernels
+from gpunet.kernels import blas, cpu as cpu_kernels
 from gpunet import layers as L
 from gpunet import optim
 from gpunet.backend import to_numpy

@@ -13,7 +13,7 @@ capture. We chose this over GEMM kernels of our own: cuBLAS is faster on every s
 
 This module never imports cupy: it deals in device pointers (integers). ``cuda_kernels.matmul``
 turns arrays into the arguments. Every prototype below is checked against ``cublas_api.h`` on
-the machine by ``tests/test_cublas.py``, with no GPU needed.
+the machine by ``tests/test_kernels_cublas.py``, with no GPU needed.
 """
 
 from __future__ import annotations

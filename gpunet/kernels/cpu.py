@@ -1,6 +1,6 @@
 """Compiled CPU kernels: the fast paths of gpunet's formulas on NumPy arrays.
 
-The CPU twin of ``cuda_kernels.py``. NumPy runs one operation per pass over memory, so the small
+The CPU twin of ``cuda.py``. NumPy runs one operation per pass over memory, so the small
 fused steps of training (bias then ReLU, the cross-entropy's eight operations, the optimizer's
 passes) cost several times what one loop over the data would. ``_cpu_kernels.c`` is that one
 loop for each, with the formula of its NumPy twin, which stays the reference:
@@ -30,14 +30,14 @@ from . import blas
 
 try:
     from . import _cpu_kernels as _lib
-    DESCRIPTION = "compiled (gpunet._cpu_kernels)"
+    DESCRIPTION = "compiled (gpunet.kernels._cpu_kernels)"
 except ImportError as error:
     _lib = None
     if importlib.util.find_spec(f"{__package__}._cpu_kernels") is None:
-        DESCRIPTION = ("numpy fallback (gpunet._cpu_kernels is not built: pip install found no C "
+        DESCRIPTION = ("numpy fallback (gpunet.kernels._cpu_kernels is not built: pip install found no C "
                        "compiler, or this source tree was not installed)")
     else:
-        DESCRIPTION = f"numpy fallback (gpunet._cpu_kernels did not load: {error})"
+        DESCRIPTION = f"numpy fallback (gpunet.kernels._cpu_kernels did not load: {error})"
 if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
     _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
 if _lib is not None:
@@ -139,7 +139,7 @@ def optimizer_fits(opt) -> bool:
     kernel's single-threaded pass by about 30 us a step (784-256-10 on 2 cores, same run). A
     thread of our own would fight OpenBLAS's spinning workers for the cores instead.
     """
-    from .optim import SGD, Adam
+    from ..optim import SGD, Adam
 
     if _lib is None or not _host_float(opt.data):
         return False
@@ -149,7 +149,7 @@ def optimizer_fits(opt) -> bool:
 
 def optimizer_update(opt) -> None:
     """One update of every parameter of ``opt`` in one pass over its flat buffers, in place."""
-    from .optim import SGD
+    from ..optim import SGD
 
     if isinstance(opt, SGD):
         buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum

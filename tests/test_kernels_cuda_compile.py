@@ -14,7 +14,7 @@ own, assembled by its own functions, so a kernel that compiles here is one that 
 ElementwiseKernels are compiled from the source CuPy's own generator writes for them
 (``cupy._core._kernel._get_elementwise_kernel_code``), for every dtype gpunet calls them with.
 Each compile also reports ptxas's resource use, which is checked against the launch
-configuration that ``cuda_kernels`` computes for the same kernel. Without CuPy these tests skip,
+configuration that ``gpunet.kernels.cuda`` computes for the same kernel. Without CuPy these tests skip,
 unless ``GPUNET_REQUIRE_NVRTC=1`` (as in CI) turns that into a failure.
 """
 
@@ -26,7 +26,7 @@ import re
 import numpy as np
 import pytest
 
-from gpunet import cuda_kernels as K
+from gpunet.kernels import cuda as K
 
 pytestmark = pytest.mark.nvrtc
 

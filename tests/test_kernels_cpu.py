@@ -1,4 +1,4 @@
-"""gpunet.cpu_kernels: the compiled CPU kernels against the NumPy formulas they replace.
+"""gpunet.kernels.cpu: the compiled CPU kernels against the NumPy formulas they replace.
 
 Every test that takes the ``device`` fixture already runs on both CPU paths (see conftest.py);
 these tests add what only the kernels have: their own argument checks, the SGD kernel (which
@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpunet import backend, blas, cpu_kernels, optim
+from gpunet import backend, optim
+from gpunet.kernels import blas, cpu as cpu_kernels
 from gpunet import functional as F
 from gpunet import layers as L
 
@@ -29,7 +30,7 @@ def test_ci_builds_the_kernels():
 
 
 def test_switching_off_by_environment():
-    code = "from gpunet import cpu_kernels as c; print(c.available(), c.DESCRIPTION)"
+    code = "from gpunet.kernels import cpu as c; print(c.available(), c.DESCRIPTION)"
     env = dict(os.environ, GPUNET_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout

@@ -12,7 +12,7 @@ Kernels are built by small memoized factories on first use, never at import, so 
 once per process, one template instantiation at a time. CuPy also caches the compiled binaries on
 disk (``~/.cupy/kernel_cache``, or ``$CUPY_CACHE_DIR``): only the first use on a machine pays the
 NVRTC compile (not yet measured on a GPU; NVRTC 13.5 takes 0.05-0.45 s per instantiation on a
-2-core CPU), and later processes load the cached binary. tests/test_cuda_compile.py compiles
+2-core CPU), and later processes load the cached binary. tests/test_kernels_cuda_compile.py compiles
 every instantiation exactly as CuPy will, with no GPU.
 
 Reductions accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64;
@@ -171,7 +171,7 @@ def _acc_dtype(dtype):
 #
 # Which kernel, how many blocks of how many threads, and how much dynamic shared memory: pure
 # functions of the shapes and of two facts about the GPU, with no cupy in them. The GPU launch,
-# the NVRTC compile tests (tests/test_cuda_compile.py) and the CPU harness all ask these same
+# the NVRTC compile tests (tests/test_kernels_cuda_compile.py) and the CPU harness all ask these same
 # functions, so none of them restates a launch configuration.
 
 @dataclass(frozen=True)
@@ -836,7 +836,7 @@ def optimizer_update(opt, lr_table=None, counters=None) -> None:
     has already counted this step. With ``lr_table`` and ``counters`` (device arrays, see the
     kernel source) they are read on the device, as a captured CUDA graph needs.
     """
-    from .optim import SGD, Adam
+    from ..optim import SGD, Adam
 
     p, g = opt.data, opt.grad
     scalar = p.dtype.type

@@ -1,14 +1,15 @@
-"""gpunet.cuda_kernels: every kernel against its NumPy twin in float64, on fresh random inputs.
+"""gpunet.kernels.cuda: every kernel against its NumPy twin in float64, on fresh random inputs.
 
 Without a GPU the NumPy twins that share each kernel's formula are tested here, and
-tests/test_cuda_compile.py compiles every kernel with NVRTC as CuPy will; the GPU tests carry
+tests/test_kernels_cuda_compile.py compiles every kernel with NVRTC as CuPy will; the GPU tests carry
 the ``cuda`` marker and skip with a reason.
 """
 
 import numpy as np
 import pytest
 
-from gpunet import backend, cuda_kernels as K, functional as F, layers as L, losses, optim
+from gpunet import backend, functional as F, layers as L, losses, optim
+from gpunet.kernels import cuda as K
 from gpunet.backend import to_numpy
 
 # --- the NumPy twins -------------------------------------------------------------------------------

@@ -1,14 +1,14 @@
-"""gpunet.cublas, the ctypes binding, checked as far as a machine without a GPU allows.
+"""gpunet.kernels.cublas, the ctypes binding, checked as far as a machine without a GPU allows.
 
 - the library CuPy loads (through cuda.pathfinder) loads here, and has every symbol we call;
 - every prototype matches its declaration in the ``cublas_api.h`` found beside that library:
   the number of arguments and each one's C kind (pointer, int, size_t, 64-bit int), and the
   result type;
 - every enumerator value we pass matches the headers;
-- the row-major to column-major mapping of ``cuda_kernels.matmul`` computes A @ B, checked by
+- the row-major to column-major mapping of ``gpunet.kernels.cuda.matmul`` computes A @ B, checked by
   running cuBLAS's own definition of GEMM on NumPy buffers.
 
-The GPU runs of the same products are in tests/test_cuda_kernels.py (marked cuda).
+The GPU runs of the same products are in tests/test_kernels_cuda.py (marked cuda).
 """
 
 import ctypes
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpunet import cublas, cuda_kernels as K
+from gpunet.kernels import cublas, cuda as K
 
 
 def _pathfinder():
