@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .kernels import cpu as cpu_kernels
 
 _CUDA_INSTALL_HINT = (
     'install CuPy for your CUDA driver: pip install -e ".[cuda13]" (a CUDA 13 driver, R580 or '
@@ -260,24 +259,6 @@ def resolve_dtype(name):
         raise ValueError("dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes), "
                          "and on a GPU CuPy 14 or later") from None
     return np.dtype(ml_dtypes.bfloat16)
-
-
-def matmul(a, b, out=None, beta: float = 0.0):
-    """a @ b, or with ``beta`` (which needs ``out``) out = a @ b + beta * out: a gradient added
-    into a buffer (``Parameter.grad_decay``), in one BLAS call on either device.
-
-    On a GPU every product goes through gpunet's own cuBLAS handle, which a CUDA graph can
-    capture (CuPy's matmul cannot be captured; see kernels/cublas.py)."""
-    if type(a) is not np.ndarray and is_cuda_array(a):
-        from .kernels import cuda as cuda_kernels
-        return cuda_kernels.matmul(a, b, out=out, beta=beta)
-    if not beta:
-        return np.matmul(a, b, out=out)
-    if out is None:
-        raise ValueError("matmul with beta needs out, the array it adds into")
-    if cpu_kernels.gemm(a, b, beta, out):
-        return out
-    return add_into(out, np.matmul(a, b), beta)  # without the compiled kernels: one more pass
 
 
 def add_into(out, value, beta: float):

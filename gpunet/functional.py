@@ -22,7 +22,7 @@ import numbers
 import numpy as np
 
 from .kernels import cpu as cpu_kernels
-from .backend import add_into, get_array_module, is_cuda_array, matmul
+from .backend import add_into, get_array_module, is_cuda_array
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -429,6 +429,25 @@ def _reciprocal_or_zero(xp, denominator):
         return 1.0 / denominator if denominator else 0.0
     nonzero = denominator != 0
     return xp.where(nonzero, 1 / xp.where(nonzero, denominator, 1), 0)
+
+
+def matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b, or with ``beta`` (which needs ``out``) out = a @ b + beta * out: a gradient added
+    into a buffer (``Parameter.grad_decay``), in one BLAS call on either device.
+
+    On a GPU every product goes through gpunet's own cuBLAS handle, which a CUDA graph can
+    capture (CuPy's matmul cannot be captured; see kernels/cublas.py)."""
+    if type(a) is not np.ndarray and is_cuda_array(a):
+        from .kernels import cuda as cuda_kernels
+        return cuda_kernels.matmul(a, b, out=out, beta=beta)
+    if not beta:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        raise ValueError("matmul with beta needs out, the array it adds into")
+    if cpu_kernels.gemm(a, b, beta, out):
+        return out
+    return add_into(out, np.matmul(a, b), beta)  # without the compiled kernels: one more pass
+
 
 
 # --- the other fused pieces of a training step ---------------------------------------------------

@@ -62,7 +62,7 @@ class GraphStep:
         cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
                                   t.config.batch_size)
         loss = t.forward_backward(x, y)
-        cuda_kernels.optimizer_update(t.optimizer, self.lr_table, self.counters)
+        t.optimizer.device_update(self.lr_table, self.counters)
         cuda_kernels.finish_step(loss, self.losses, self.counters)
 
     def _capture(self) -> None:

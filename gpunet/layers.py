@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from . import functional as F
-from .backend import add_into, default_rng, device_of, get_array_module, matmul, to_device
+from .backend import add_into, default_rng, device_of, get_array_module, to_device
 
 
 class Parameter:
@@ -231,13 +231,13 @@ class Dense(Module):
         elif bias_grad is not None:
             F.column_sums(dy, bias_grad, beta=bias_beta)
         if mixed:  # float32 gradients from half-precision products
-            add_into(self.weight.grad, matmul(x.T, dy), self.weight.grad_decay)
+            add_into(self.weight.grad, F.matmul(x.T, dy), self.weight.grad_decay)
             if self.bias is not None:
                 add_into(self.bias.grad, dy.sum(axis=0, dtype=self.bias.grad.dtype),
                          self.bias.grad_decay)
         else:
-            matmul(x.T, dy, out=self.weight.grad, beta=self.weight.grad_decay)
-        return matmul(dy, w.T) if input_grad else None
+            F.matmul(x.T, dy, out=self.weight.grad, beta=self.weight.grad_decay)
+        return F.matmul(dy, w.T) if input_grad else None
 
     def __repr__(self) -> str:
         extra = ", activation='relu'" if self.activation else ""

@@ -6,7 +6,7 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     bias_relu_, relu_backward   functional.bias_relu_, functional.relu_backward
     count_correct               functional.count_correct
-    optimizer_update            optim.SGD._update, optim.Adam._update
+    sgd_update, adam_update     optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
 once per process, one template instantiation at a time. CuPy also caches the compiled binaries on
@@ -829,35 +829,28 @@ def optimizer_launch(rule: str, dtype, size: int, facts: DeviceFacts) -> Launch:
     return Launch(f"{rule}<{'float' if dtype == np.float32 else 'double'}>", blocks, threads)
 
 
-def optimizer_update(opt, lr_table=None, counters=None) -> None:
-    """One fused update of every parameter of ``opt`` (an SGD or Adam), in place.
+def sgd_update(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, steps_taken,
+               lr_table=None, counters=None) -> None:
+    """SGD's rule (see optim.SGD) in one launch over the flat buffers, in place.
 
-    Eagerly (the default) the learning rate and step count come from ``opt``, whose ``step()``
-    has already counted this step. With ``lr_table`` and ``counters`` (device arrays, see the
-    kernel source) they are read on the device, as a captured CUDA graph needs.
-    """
-    from ..optim import SGD, Adam
-
-    p, g = opt.data, opt.grad
+    ``steps_taken`` counts the steps before this one (0 on the first). With ``lr_table`` and
+    ``counters`` (device arrays, see the kernel source) the rate and the step count are read on
+    the device instead, as a captured CUDA graph needs."""
     scalar = p.dtype.type
-    table = _NULL if lr_table is None else lr_table
-    device_counters = _NULL if counters is None else counters
-    steps_taken = np.int64(opt.step_count - 1)  # step() counted this one already
-    facts = device_facts(p.device.id)
-    if isinstance(opt, SGD):
-        buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
-        _launch(OPTIM_SOURCE, optimizer_launch("sgd", p.dtype, p.size, facts), (
-            p, g, buf, np.int64(p.size), scalar(opt.lr), table, device_counters, steps_taken,
-            scalar(opt.momentum), scalar(opt.dampening), scalar(opt.weight_decay),
-            np.bool_(opt.nesterov)))
-    elif isinstance(opt, Adam):
-        b1, b2 = opt.betas
-        _launch(OPTIM_SOURCE, optimizer_launch("adam", p.dtype, p.size, facts), (
-            p, g, opt.state["exp_avg"], opt.state["exp_avg_sq"], np.int64(p.size), scalar(opt.lr),
-            table, device_counters, steps_taken, scalar(b1), scalar(b2), scalar(opt.eps),
-            scalar(opt.weight_decay), np.bool_(opt.decoupled)))
-    else:  # an optimizer of the user's own: its NumPy-style update runs on cupy as well
-        opt._update()
+    _launch(OPTIM_SOURCE, optimizer_launch("sgd", p.dtype, p.size, device_facts(p.device.id)), (
+        p, g, buf, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
+        _NULL if counters is None else counters, np.int64(steps_taken), scalar(momentum),
+        scalar(dampening), scalar(weight_decay), np.bool_(nesterov)))
+
+
+def adam_update(p, g, m, v, *, lr, b1, b2, eps, weight_decay, decoupled, steps_taken,
+                lr_table=None, counters=None) -> None:
+    """Adam's rule (see optim.Adam) in one launch, in place; the arguments as for sgd_update."""
+    scalar = p.dtype.type
+    _launch(OPTIM_SOURCE, optimizer_launch("adam", p.dtype, p.size, device_facts(p.device.id)), (
+        p, g, m, v, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
+        _NULL if counters is None else counters, np.int64(steps_taken), scalar(b1), scalar(b2),
+        scalar(eps), scalar(weight_decay), np.bool_(decoupled)))
 
 
 # --- pieces of a captured training step -------------------------------------------------------------
