@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpunet import backend, optim
+from gpunet import optim
 from gpunet.kernels import blas, cpu as cpu_kernels
 from gpunet import functional as F
 from gpunet import layers as L
