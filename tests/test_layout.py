@@ -21,7 +21,7 @@ LAYERS = [
     {"gpunet.functional"},
     {"gpunet.layers", "gpunet.losses"},
     {"gpunet.optim"},
-    {"gpunet.datasets", "gpunet.checkpoint"},
+    {"gpunet.datasets", "gpunet.checkpoint", "gpunet.distributed"},
     {"gpunet.graph"},
     {"gpunet.trainer"},
     {"gpunet.gradcheck"},
