@@ -125,3 +125,31 @@ def test_a_strided_buffer_is_refused():
             print(f"RANK {comm.rank}: {exc}")
     """)
     assert out.count("MPI collectives take a contiguous numpy buffer") == 2
+
+
+@pytest.mark.cuda
+def test_nccl_collectives_on_one_gpu_also_under_capture():
+    """The NCCL path with one rank (all one GPU can show): the collectives run, on cupy buffers,
+    and a CUDA graph captures the allreduce, as the training step's graph will."""
+    import cupy as cp
+
+    from gpunet.kernels import nccl
+    comm = nccl.communicator(1, nccl.unique_id(), 0)
+    for dtype in (cp.float32, cp.float64):
+        x = cp.arange(6, dtype=dtype)
+        assert nccl.allreduce_mean_(comm, x, 1) is x
+        assert nccl.allreduce_sum_(comm, x) is x and nccl.broadcast_(comm, x, 0) is x
+        np.testing.assert_array_equal(cp.asnumpy(x), np.arange(6))
+    x = cp.ones(1000, cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        nccl.allreduce_mean_(comm, x, 1)
+        x *= 2  # proves the replay ran the captured work
+        graph = stream.end_capture()
+        graph.launch(stream=stream)
+        graph.launch(stream=stream)
+    stream.synchronize()
+    np.testing.assert_array_equal(cp.asnumpy(x), np.full(1000, 4.0, np.float32))
+    with pytest.raises(TypeError, match="float32 or float64"):
+        nccl.allreduce_mean_(comm, cp.ones(3, cp.int32), 1)
