@@ -51,7 +51,8 @@ class GraphStep:
             self.losses = cupy.zeros(t.steps_per_epoch, dtype=cupy.float64)
             self.x_batch = cupy.empty_like(t._x_batch)
             self.y_batch = cupy.empty_like(t._y_batch)
-            cuda_kernels.cublas_handle(t.device.index)  # its workspace must not come from the pool
+            # The cuBLAS workspace of this stream exists before any capture, outside the pool.
+            cuda_kernels.cublas_on_stream(t.device.index, self.stream.ptr)
         self.graph = None
         self.failed = None  # why capture failed, once it has
 
@@ -81,8 +82,14 @@ class GraphStep:
             self.stream.begin_capture(mode=mode)
             try:
                 self._step(self.trainer.config.batch_size)
-            finally:
-                graph = self.stream.end_capture()
+            except BaseException:
+                # End the capture, but report what broke it, not the invalidated capture.
+                try:
+                    self.stream.end_capture()
+                except Exception:
+                    pass
+                raise
+            graph = self.stream.end_capture()
         self.graph, self.graph_memory = graph, memory
 
     def run_epoch(self, order_host: np.ndarray, meter, progress=None) -> None:

@@ -112,6 +112,11 @@ class Optimizer:
                                       "captured graph can replay")
         self._update()
 
+    @property
+    def fused_device_update(self) -> bool:
+        """Whether ``device_update`` is one fused kernel that a captured graph can replay."""
+        return False
+
     def _is_own_rule(self, cls) -> bool:
         """Whether this optimizer's rule is ``cls``'s own, not a subclass's override: only then
         may a fused kernel of ``cls``'s rule replace it."""
@@ -184,6 +189,10 @@ class SGD(Optimizer):
                                    self.dampening, self.weight_decay, self.nesterov,
                                    self.step_count == 1)
         return update
+
+    @property
+    def fused_device_update(self) -> bool:
+        return self._is_own_rule(SGD)
 
     def device_update(self, lr_table=None, counters=None) -> None:
         if not self._is_own_rule(SGD):
@@ -294,6 +303,10 @@ class Adam(Optimizer):
                                     self.state["exp_avg_sq"], self.lr, b1, b2, self.eps,
                                     self.weight_decay, self.decoupled, bc1, bc2)
         return update
+
+    @property
+    def fused_device_update(self) -> bool:
+        return self._is_own_rule(Adam)
 
     def device_update(self, lr_table=None, counters=None) -> None:
         if not self._is_own_rule(Adam):

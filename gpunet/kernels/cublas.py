@@ -57,8 +57,8 @@ CONSTANTS = {
 }
 OP_N, OP_T = CONSTANTS["CUBLAS_OP_N"], CONSTANTS["CUBLAS_OP_T"]
 
-# The workspace cuBLAS may use per handle. NVIDIA recommends 32 MiB on Hopper; it must outlive
-# every graph that captured a product, so it is allocated once per device and never freed.
+# The workspace cuBLAS may use per stream. NVIDIA recommends 32 MiB on Hopper; it must outlive
+# every graph that captured a product, so the caller allocates it once and never frees it.
 WORKSPACE_BYTES = 32 << 20
 
 
@@ -86,30 +86,32 @@ def check(status: int, call: str) -> None:
 
 
 class Handle:
-    """One cuBLAS handle on the current device, with its workspace and its stream.
+    """One cuBLAS handle on the current device, and the stream and workspace it works on.
 
-    ``workspace_ptr`` is device memory of ``WORKSPACE_BYTES`` that the caller keeps alive as long
-    as this handle. Pointer mode stays host: alpha and beta are read from host memory when a
-    product is queued, which is what capture needs (the values are baked into the graph).
+    Pointer mode stays host: alpha and beta are read from host memory when a product is queued,
+    which is what capture needs (the values are baked into the graph).
     """
 
-    def __init__(self, workspace_ptr: int, workspace_bytes: int = WORKSPACE_BYTES):
+    def __init__(self):
         lib = library()
         handle = ctypes.c_void_p()
         check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate_v2")
         self.ptr = handle.value
-        check(lib.cublasSetWorkspace_v2(self.ptr, workspace_ptr, workspace_bytes),
-              "cublasSetWorkspace_v2")
         check(lib.cublasSetPointerMode_v2(self.ptr, CONSTANTS["CUBLAS_POINTER_MODE_HOST"]),
               "cublasSetPointerMode_v2")
-        self._stream = None
+        self.stream = None
         # alpha and beta live here, in host memory that outlives the call.
         self._scalars = {"f": (ctypes.c_float * 2)(), "d": (ctypes.c_double * 2)()}
 
-    def set_stream(self, stream_ptr: int) -> None:
-        if stream_ptr != self._stream:
-            check(library().cublasSetStream_v2(self.ptr, stream_ptr), "cublasSetStream_v2")
-            self._stream = stream_ptr
+    def set_stream(self, stream_ptr: int, workspace_ptr: int, workspace_bytes: int) -> None:
+        """Work on ``stream_ptr`` with ``workspace_ptr`` (that stream's own workspace, which the
+        caller keeps alive). cublasSetStream resets the workspace to cuBLAS's own pool, which
+        would put allocations into a captured graph, so the workspace is set again after it."""
+        lib = library()
+        check(lib.cublasSetStream_v2(self.ptr, stream_ptr), "cublasSetStream_v2")
+        check(lib.cublasSetWorkspace_v2(self.ptr, workspace_ptr, workspace_bytes),
+              "cublasSetWorkspace_v2")
+        self.stream = stream_ptr
 
     def gemm(self, kind: str, op_a: int, op_b: int, m: int, n: int, k: int, alpha: float,
              a_ptr: int, lda: int, b_ptr: int, ldb: int, beta: float, c_ptr: int, ldc: int,

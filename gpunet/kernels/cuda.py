@@ -579,8 +579,14 @@ _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 @functools.cache
 def _ce_counter(device_id: int, stream_ptr: int):
-    # One ticket counter per device and stream; the last block of every launch resets it to 0.
-    return cupy.zeros(1, dtype=cupy.uint32)
+    """The ticket counter of the cross-entropy's last-block sum on one device and stream; the last
+    block of every launch resets it to 0. Made (and zeroed) eagerly, never inside a capture, where
+    its zeroing would only be a node of the graph."""
+    if is_capturing():
+        raise RuntimeError("the cross-entropy's counter for this stream must exist before the "
+                           "stream is captured: run one eager step on it first")
+    with cupy.cuda.Device(device_id):
+        return cupy.zeros(1, dtype=cupy.uint32)
 
 
 _NULL = np.uint64(0)  # a null pointer argument (8 bytes, like a device pointer)
@@ -932,14 +938,36 @@ def _gemm_kind(dtype):
 
 
 @functools.cache
-def cublas_handle(device_id: int) -> cublas.Handle:
-    """gpunet's cuBLAS handle on GPU ``device_id``, with a workspace that lives as long as the
-    process: graphs captured with it keep its address. Its own handle, not CuPy's, whose
-    handle serves every stream: one workspace must not be used by two streams at once."""
+def _cublas_handle(device_id: int) -> cublas.Handle:
     with cupy.cuda.Device(device_id):
-        workspace = cupy.empty(cublas.WORKSPACE_BYTES, dtype=cupy.uint8)
-        handle = cublas.Handle(workspace.data.ptr)
-    handle.workspace = workspace  # kept alive with the handle
+        return cublas.Handle()
+
+
+_cublas_workspaces: dict = {}  # (device, stream pointer) -> that stream's workspace
+
+
+def cublas_on_stream(device_id: int, stream_ptr: int | None = None) -> cublas.Handle:
+    """gpunet's cuBLAS handle on GPU ``device_id``, set to work on ``stream_ptr`` (default: the
+    current stream) with that stream's own workspace.
+
+    Its own handle, not CuPy's. One workspace per stream, since two streams must not share one,
+    allocated on the stream's first product and kept for the life of the process: graphs that
+    captured a product keep its address. A stream that will be captured gets its workspace
+    beforehand (GraphStep asks for it), so that no capture allocates one.
+    """
+    handle = _cublas_handle(device_id)
+    if stream_ptr is None:
+        stream_ptr = cupy.cuda.get_current_stream().ptr
+    if handle.stream != stream_ptr:
+        workspace = _cublas_workspaces.get((device_id, stream_ptr))
+        if workspace is None:
+            if is_capturing():
+                raise RuntimeError("a cuBLAS workspace for this stream must exist before the "
+                                   "stream is captured: run one product on it eagerly first")
+            with cupy.cuda.Device(device_id):
+                workspace = cupy.empty(cublas.WORKSPACE_BYTES, dtype=cupy.uint8)
+            _cublas_workspaces[device_id, stream_ptr] = workspace
+        handle.set_stream(stream_ptr, workspace.data.ptr, workspace.nbytes)
     return handle
 
 
@@ -955,6 +983,8 @@ def matmul(a, b, out=None, beta: float = 0.0):
     be captured; under capture that is a TypeError naming what came.
     """
     kind = _gemm_kind(a.dtype) if a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype else None
+    if beta and out is None:
+        raise ValueError("matmul with beta needs out, the array it adds into")
     if kind is None:
         if is_capturing():
             raise TypeError("a product captured into a CUDA graph takes two 2-D arrays of one "
@@ -968,13 +998,15 @@ def matmul(a, b, out=None, beta: float = 0.0):
         raise ValueError(f"matmul: a is {m}x{k} but b is {b.shape[0]}x{b.shape[1]}; the inner "
                          "sizes must match")
     n = b.shape[1]
+    if max(m, n, k) >= 2 ** 31:  # cuBLAS's int sizes (the _64 entry points are not bound)
+        raise ValueError(f"matmul sizes must be below 2**31, got {m}x{k} @ {k}x{n}")
     if out is None:
-        if beta:
-            raise ValueError("matmul with beta needs out, the array it adds into")
         out = cupy.empty((m, n), dtype=a.dtype)
     elif out.shape != (m, n) or out.dtype != a.dtype:
         raise ValueError(f"out must be a {m}x{n} array of {a.dtype}, got {out.dtype}{list(out.shape)}")
-    if not out.flags.c_contiguous:  # cuBLAS writes C-order rows here: compute, then copy in
+    # cuBLAS writes C-order rows into memory that no operand may share: otherwise compute into
+    # a fresh buffer (holding out's old values when beta adds to them), then copy in.
+    if not out.flags.c_contiguous or _overlap(out, a) or _overlap(out, b):
         out[...] = matmul(a, b, None) if not beta else matmul(a, b, out.copy(), beta)
         return out
     if m == 0 or n == 0:
@@ -995,8 +1027,7 @@ def matmul(a, b, out=None, beta: float = 0.0):
     gemm_kind, data_type = kind
     # A handle belongs to the device that was current when it was made.
     with contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device else a.device:
-        handle = cublas_handle(device)
-        handle.set_stream(cupy.cuda.get_current_stream().ptr)
+        handle = cublas_on_stream(device)
         handle.gemm(gemm_kind, op_b, op_a, n, m, k, 1.0, b.data.ptr, ld_b, a.data.ptr, ld_a,
                     float(beta), out.data.ptr, ld_c, data_type)
     return out
@@ -1019,3 +1050,17 @@ def _add_into(out, value, beta):
     out *= beta
     out += value
     return out
+
+
+def _overlap(x, y) -> bool:
+    """Whether the memory spans of two arrays intersect (by address range: conservative)."""
+    if x.size == 0 or y.size == 0:
+        return False
+    def span(v):
+        low = high = v.data.ptr
+        for extent, stride in zip(v.shape, v.strides):
+            reach = (extent - 1) * stride
+            low, high = (low + reach, high) if stride < 0 else (low, high + reach)
+        return low, high + v.itemsize
+    (a0, a1), (b0, b1) = span(x), span(y)
+    return a0 < b1 and b0 < a1
