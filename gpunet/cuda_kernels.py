@@ -257,20 +257,26 @@ def _cross_entropy_grad_kernel():
 
 def cross_entropy_grad(x, lse, t, alpha, beta, gamma, smooth):
     """One fused kernel: the gradient of the softmax cross-entropy from the kept log-sum-exp."""
+    return _cross_entropy_grad_kernel()(
+        *cross_entropy_grad_operands(cupy, x, lse, t, alpha, beta, gamma, smooth))
+
+
+def cross_entropy_grad_operands(xp, x, lse, t, alpha, beta, gamma, smooth) -> tuple:
+    """CROSS_ENTROPY_GRAD's inputs, in order, as arrays of ``xp`` that broadcast to x's shape
+    (cupy for the GPU; numpy for the CPU harness in tests/simt)."""
     acc = lse.dtype
     n, c = x.shape
 
     def column(v):  # a per-row value (or a scalar) as an (N, 1) or 0-d operand
-        v = cupy.asarray(v, dtype=acc)
+        v = xp.asarray(v, dtype=acc)
         return v[:, None] if v.ndim == 1 else v
 
-    smooth = cupy.asarray(0.0 if smooth is None else smooth, dtype=acc)
+    smooth = xp.asarray(0.0 if smooth is None else smooth, dtype=acc)
     if smooth.ndim:
         smooth = smooth[None, :]  # per class, (1, C)
-    classes = cupy.arange(c, dtype=cupy.int64)[None, :]
-    return _cross_entropy_grad_kernel()(
-        x, lse[:, None], t.astype(cupy.int64, copy=False)[:, None], column(alpha), column(beta),
-        column(gamma), smooth, classes)
+    classes = xp.arange(c, dtype=xp.int64)[None, :]
+    return (x, lse[:, None], t.astype(xp.int64, copy=False)[:, None], column(alpha), column(beta),
+            column(gamma), smooth, classes)
 
 
 # --- single-pass cross-entropy: loss and gradient in one launch -------------------------------------
@@ -615,27 +621,39 @@ def cross_entropy_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
 def cross_entropy_loss_and_grad(plan, grad_output=1.0):
     """(loss, dL/dlogits) for class-index targets in one kernel launch: one read of the logits
     for the row statistics, one more (from cache) for the gradient, one write of the gradient."""
+    device = plan.logits.device.id
+    counter = _ce_counter(device, cupy.cuda.get_current_stream().ptr)
+    launch, args, loss, grad = cross_entropy_call(plan, grad_output, cupy, device_facts(device),
+                                                  counter)
+    if launch is not None:
+        _launch(CROSS_ENTROPY_SOURCE, launch, args)
+    return loss, grad
+
+
+def cross_entropy_call(plan, grad_output, xp, facts: DeviceFacts, counter) -> tuple:
+    """(launch, args, loss, grad): one launch of the single-pass cross-entropy for ``plan``, its
+    arguments and its outputs, as arrays of ``xp`` (cupy for the GPU; numpy for the CPU harness
+    in tests/simt). ``counter`` is the ticket counter, a uint32 holding 0. For an empty batch
+    there is nothing to launch: launch is None and the loss 0."""
     if hasattr(grad_output, "ndim") and grad_output.ndim:
         raise ValueError("the single-pass cross-entropy takes a scalar grad_output")
-    x = cupy.ascontiguousarray(plan.logits)
+    x = xp.ascontiguousarray(plan.logits)
     n, c = x.shape
-    t = cupy.ascontiguousarray(plan.target.astype(cupy.int64, copy=False))
+    t = xp.ascontiguousarray(plan.target.astype(xp.int64, copy=False))
     weight = None if plan.weight is None else \
-        cupy.ascontiguousarray(plan.weight.astype(_acc_dtype(x.dtype), copy=False))
-    grad = cupy.empty_like(x)
-    loss = cupy.empty((n,) if plan.reduction == "none" else (), dtype=x.dtype)
+        xp.ascontiguousarray(plan.weight.astype(_acc_dtype(x.dtype), copy=False))
+    grad = xp.empty_like(x)
+    loss = xp.empty((n,) if plan.reduction == "none" else (), dtype=x.dtype)
     if n == 0:
         loss.fill(0)
-        return loss, grad
-    launch = cross_entropy_launch(n, c, x.dtype, device_facts(x.device.id))
+        return None, (), loss, grad
+    launch = cross_entropy_launch(n, c, x.dtype, facts)
     scalar = _acc_dtype(x.dtype)
-    partials = cupy.empty(launch.grid, dtype=scalar)
-    counter = _ce_counter(x.device.id, cupy.cuda.get_current_stream().ptr)
-    _launch(CROSS_ENTROPY_SOURCE, launch, (
+    partials = xp.empty(launch.grid, dtype=scalar)
+    return launch, (
         x, t, _NULL if weight is None else weight, grad, loss, partials, counter, np.int64(n),
         np.int64(c), np.int64(plan.ignore_index), scalar(plan.eps), scalar(float(grad_output)),
-        np.int32(_REDUCTIONS[plan.reduction])))
-    return loss, grad
+        np.int32(_REDUCTIONS[plan.reduction])), loss, grad
 
 
 # --- Dense + ReLU ----------------------------------------------------------------------------------
@@ -710,8 +728,13 @@ def relu_backward(dy, y, out=None, bias_grad=None):
         _require(bias_grad, "bias_grad", y.shape[1:], y.dtype)
     n, c = y.shape
     _launch(RELU_BACKWARD_SOURCE, relu_backward_launch(n, c, y.dtype, device_facts(y.device.id)),
-            (dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)))
+            relu_backward_arguments(dy, y, out, bias_grad))
     return out
+
+
+def relu_backward_arguments(dy, y, out, bias_grad) -> tuple:
+    n, c = y.shape
+    return dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)
 
 
 # One thread per row: argmax (the first maximum, NaN counting as the maximum like numpy's) and a
@@ -757,8 +780,13 @@ def count_correct(logits, labels, out):
                          f"{x.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
     _launch(COUNT_CORRECT_SOURCE, count_correct_launch(n, c, x.dtype, device_facts(x.device.id)),
-            (x, labels, out, np.int64(n), np.int64(c)))
+            count_correct_arguments(x, labels, out))
     return out
+
+
+def count_correct_arguments(x, labels, out) -> tuple:
+    n, c = x.shape
+    return x, labels, out, np.int64(n), np.int64(c)
 
 
 # --- optimizers: one kernel per step over the flat parameter buffer --------------------------------
@@ -836,6 +864,18 @@ def optimizer_update(opt, lr_table=None, counters=None) -> None:
     has already counted this step. With ``lr_table`` and ``counters`` (device arrays, see the
     kernel source) they are read on the device, as a captured CUDA graph needs.
     """
+    rule_and_args = optimizer_arguments(opt, lr_table, counters)
+    if rule_and_args is None:  # an optimizer of the user's own: its NumPy-style update runs on cupy
+        opt._update()
+        return
+    rule, args = rule_and_args
+    p = opt.data
+    _launch(OPTIM_SOURCE, optimizer_launch(rule, p.dtype, p.size, device_facts(p.device.id)), args)
+
+
+def optimizer_arguments(opt, lr_table=None, counters=None):
+    """(rule, args) of the fused update of ``opt`` after its ``step()`` counted the step, or
+    None for an optimizer that is neither SGD nor Adam."""
     from .optim import SGD, Adam
 
     p, g = opt.data, opt.grad
@@ -843,21 +883,19 @@ def optimizer_update(opt, lr_table=None, counters=None) -> None:
     table = _NULL if lr_table is None else lr_table
     device_counters = _NULL if counters is None else counters
     steps_taken = np.int64(opt.step_count - 1)  # step() counted this one already
-    facts = device_facts(p.device.id)
     if isinstance(opt, SGD):
         buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
-        _launch(OPTIM_SOURCE, optimizer_launch("sgd", p.dtype, p.size, facts), (
+        return "sgd", (
             p, g, buf, np.int64(p.size), scalar(opt.lr), table, device_counters, steps_taken,
             scalar(opt.momentum), scalar(opt.dampening), scalar(opt.weight_decay),
-            np.bool_(opt.nesterov)))
-    elif isinstance(opt, Adam):
+            np.bool_(opt.nesterov))
+    if isinstance(opt, Adam):
         b1, b2 = opt.betas
-        _launch(OPTIM_SOURCE, optimizer_launch("adam", p.dtype, p.size, facts), (
+        return "adam", (
             p, g, opt.state["exp_avg"], opt.state["exp_avg_sq"], np.int64(p.size), scalar(opt.lr),
             table, device_counters, steps_taken, scalar(b1), scalar(b2), scalar(opt.eps),
-            scalar(opt.weight_decay), np.bool_(opt.decoupled)))
-    else:  # an optimizer of the user's own: its NumPy-style update runs on cupy as well
-        opt._update()
+            scalar(opt.weight_decay), np.bool_(opt.decoupled))
+    return None
 
 
 # --- pieces of a captured training step -------------------------------------------------------------
@@ -911,7 +949,12 @@ def gather_batch(x, y, order, counters, xb, yb, batch_size: int) -> None:
     _require(xb, "xb")
     _require(yb, "yb", (rows,), np.int64)
     _launch(STEP_SOURCE, gather_batch_launch(rows, features, x.dtype, device_facts(x.device.id)),
-            (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features), np.int64(batch_size)))
+            gather_batch_arguments(x, y, order, counters, xb, yb, batch_size))
+
+
+def gather_batch_arguments(x, y, order, counters, xb, yb, batch_size: int) -> tuple:
+    rows, features = xb.shape
+    return x, y, order, counters, xb, yb, np.int64(rows), np.int64(features), np.int64(batch_size)
 
 
 def finish_step(loss, losses, counters) -> None:
