@@ -124,9 +124,10 @@ template <typename S> __device__ __forceinline__ S warp_sum(S v) {
     return v;
 }
 
-// Combine two (max, sum of exp(x - max)) pairs: the online-softmax step.
+// Combine two (max, sum of exp(x - max)) pairs: the online-softmax step. A NaN max wins either
+// way round, so that a NaN is never dropped for an empty (all -inf) partner.
 template <typename S> __device__ __forceinline__ void merge(S& m, S& s, S m2, S s2) {
-    S mx = m > m2 ? m : m2;
+    S mx = (m > m2 || m != m) ? m : m2;
     if (mx == -INFINITY) { m = mx; s = 0; return; }  // both empty (or all -inf)
     s = s * exp(m - mx) + s2 * exp(m2 - mx);
     m = mx;
