@@ -130,8 +130,16 @@ def test_every_cross_entropy_kernel_is_covered():
     assert covered == set(K.CROSS_ENTROPY_ENTRIES)
 
 
-def one_c_per_variant(dtype) -> list[int]:
-    return [10] + variant_boundaries(dtype)
+def one_c_per_variant(dtype, vectors: bool = False) -> list[int]:
+    """The first C of each variant; with ``vectors``, rounded up to whole 16-byte rows where
+    that stays in the variant, so that the shared-memory kernel takes its vector path."""
+    cs = [10] + variant_boundaries(dtype)
+    if vectors:
+        per_vector = 16 // np.dtype(dtype).itemsize
+        same = lambda a, b: K.cross_entropy_launch(5, a, dtype, ONE_SM).kernel == \
+            K.cross_entropy_launch(5, b, dtype, ONE_SM).kernel
+        cs = [a if same(a, c) else c for c in cs for a in [c + (-c) % per_vector]]
+    return cs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAMES)
@@ -201,7 +209,7 @@ def test_cross_entropy_last_block_sum_over_many_blocks(c, reduction):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_cross_entropy_in_shuffled_thread_orders(dtype, seed):
     rng = np.random.default_rng(seed)
-    for c in one_c_per_variant(dtype):
+    for c in one_c_per_variant(dtype, vectors=True):
         n = rows_for(c)
         x = (rng.standard_normal((n, c)) * 3).astype(dtype)
         t = rng.integers(0, c, n)
