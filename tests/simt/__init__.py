@@ -7,6 +7,14 @@ import pytest
 
 from .harness import Module, compiler
 
+try:  # bfloat16 arrays in NumPy: ml_dtypes, which the kernels extra installs (and CI must have)
+    import ml_dtypes
+    BFLOAT16 = ml_dtypes.bfloat16
+except ImportError:
+    if os.environ.get("GPUNET_REQUIRE_NVRTC") == "1":
+        raise
+    BFLOAT16 = None
+
 
 def require_compiler() -> None:
     """Skip where there is no C++ compiler; in CI (GPUNET_REQUIRE_NVRTC=1) fail instead, since
@@ -22,3 +30,8 @@ def require_compiler() -> None:
 def module(source: str, entries: tuple, name: str) -> Module:
     """One built Module per source, shared by every test of the session."""
     return Module(source, list(entries), name)
+
+
+def require_bfloat16() -> None:
+    if BFLOAT16 is None:
+        pytest.skip('ml_dtypes is not installed (pip install -e ".[kernels]"): no bfloat16 cases')

@@ -144,8 +144,10 @@ class Module:
         updated in place, as device arrays would be.
 
         ``poison``: arrays filled with all-ones bytes (NaN as floats) first, so that an element
-        the kernel does not write fails the comparison. ``seed``: run the threads released at
-        each barrier, and the blocks, in an order shuffled by it (else in index order).
+        the kernel does not write fails the comparison. ``seed``: between two barriers, run the
+        warps one after another in an order shuffled by it, each running ahead to the next
+        barrier, with the lanes of each warp and the blocks shuffled too (without a seed,
+        threads and blocks go in index order and the warps move in step).
         """
         if launch.kernel not in self.entries:
             raise ValueError(f"{launch.kernel} is not an entry of {self.name}: {self.entries}")

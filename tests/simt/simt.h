@@ -4,10 +4,13 @@
 // How a launch runs. Blocks run one after another (in blockIdx order, or shuffled). The threads
 // of a block are fibers on one OS thread, switched by hand (a few instructions, no syscall), so
 // a thread runs until it reaches a synchronisation point: __syncthreads, a warp shuffle, a vote,
-// __syncwarp. There it waits; once every thread of the block waits, the scheduler completes
-// what can be completed (a warp operation whose lanes have all arrived at it, else a barrier
-// that every thread of the block waits at) and runs the released threads again, in thread order
-// or in an order shuffled by a seed. Anything else is a fault in the kernel, reported on stderr
+// __syncwarp. There it waits until the scheduler completes what it waits for (a warp operation
+// once all its lanes have arrived; a barrier once every thread of the block waits at it) and
+// runs it again. Two orders: thread order, each thread once to its next synchronisation point,
+// so that the warps move in step; or, with a seed, the warps one after another in a shuffled
+// order, each running ahead as far as it can (to a barrier) before the next one starts, the
+// lanes of a warp in a shuffled order, and the blocks shuffled too: a result that depends on
+// the order of threads between two barriers differs. Anything else is a fault, reported on stderr
 // with exit status 3: a warp operation whose mask names a lane that waits at a barrier or has
 // exited, lanes of a warp that wait at different warp operations (or with different masks or
 // widths) and so never meet, a barrier that exited threads never reach, a deadlock. Call sites
@@ -404,13 +407,14 @@ inline const char* wait_name(const Fiber& f) {
     }
 }
 
-// Complete every warp operation whose lanes have all arrived; false if none could be.
-inline bool resolve_warps() {
+// Complete the warp operations of the warp whose first thread is `base` that all their lanes
+// have arrived at; false if none could be. A lane that waits for lanes at another warp
+// operation is noted in `stuck`: a fault only once nothing else can move.
+inline bool resolve_warp(unsigned base, const Fiber*& stuck) {
     std::vector<Fiber>& all = state.fibers;
     const unsigned n = (unsigned)all.size();
     bool progress = false;
-    const Fiber* stuck = nullptr;
-    for (unsigned base = 0; base < n; base += 32) {
+    {
         const unsigned lanes = std::min(32u, n - base);
         for (unsigned lane = 0; lane < lanes; ++lane) {
             Fiber& f = all[base + lane];
@@ -470,6 +474,14 @@ inline bool resolve_warps() {
             progress = true;
         }
     }
+    return progress;
+}
+
+// Complete every warp operation whose lanes have all arrived; false if none could be.
+inline bool resolve_warps() {
+    bool progress = false;
+    const Fiber* stuck = nullptr;
+    for (unsigned base = 0; base < state.fibers.size(); base += 32) progress |= resolve_warp(base, stuck);
     if (!progress && stuck)
         fault("thread %u waits in %s (mask 0x%08x) for lanes that wait at a different warp "
               "operation or with another mask: the lanes of a warp do not meet", stuck->tid,
@@ -494,7 +506,7 @@ inline bool resolve_barrier() {
 }
 
 struct Options {
-    long long seed = -1;  // -1: threads and blocks in index order; else shuffled by this seed
+    long long seed = -1;  // -1: threads and blocks in index order; else shuffled by this seed (below)
     std::vector<std::pair<unsigned char*, size_t>> poison;  // filled with 0xFF before each block
     std::vector<std::pair<unsigned char*, size_t>> dynamic_shared;  // (buffer, its capacity)
     size_t shared_mem = 0;
@@ -507,14 +519,32 @@ inline void run_block(const Options& options, std::mt19937_64& rng) {
         ASAN_UNPOISON_MEMORY_REGION(region.first, options.shared_mem);
         std::memset(region.first, 0xFF, options.shared_mem);
     }
-    for (unsigned t = 0; t < state.fibers.size(); ++t) prepare(state.fibers[t], t);
-    std::vector<unsigned> order;
+    const unsigned n = (unsigned)state.fibers.size(), warps = (n + 31) / 32;
+    for (unsigned t = 0; t < n; ++t) prepare(state.fibers[t], t);
+    std::vector<unsigned> order, warp_order(warps);
     for (;;) {
-        order.clear();
-        for (unsigned t = 0; t < state.fibers.size(); ++t)
-            if (state.fibers[t].wait == Wait::runnable) order.push_back(t);
-        if (options.seed >= 0) std::shuffle(order.begin(), order.end(), rng);
-        for (unsigned t : order) enter(state.fibers[t]);
+        if (options.seed < 0) {
+            // In thread order, each thread once to its next synchronisation point: the warps
+            // move in step with each other.
+            for (unsigned t = 0; t < n; ++t)
+                if (state.fibers[t].wait == Wait::runnable) enter(state.fibers[t]);
+        } else {
+            // Shuffled: the warps one after another in a random order, each as far as it can go
+            // (to a barrier) before the next starts, so that a warp runs ahead of the others;
+            // within a warp, the lanes in a random order between two warp operations.
+            for (unsigned w = 0; w < warps; ++w) warp_order[w] = w;
+            std::shuffle(warp_order.begin(), warp_order.end(), rng);
+            for (unsigned w : warp_order) {
+                const Fiber* stuck = nullptr;
+                do {
+                    order.clear();
+                    for (unsigned t = 32 * w; t < std::min(n, 32 * w + 32); ++t)
+                        if (state.fibers[t].wait == Wait::runnable) order.push_back(t);
+                    std::shuffle(order.begin(), order.end(), rng);
+                    for (unsigned t : order) enter(state.fibers[t]);
+                } while (!order.empty() && resolve_warp(32 * w, stuck));
+            }
+        }
         bool finished = true;
         for (const Fiber& f : state.fibers) finished = finished && f.wait == Wait::done;
         if (finished) return;
