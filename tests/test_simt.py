@@ -27,8 +27,9 @@ def run(source, entries, kernel, block, args, shared=0, grid=1, **options):
 
 WARPS = r"""
 __global__ void warps(const int* in, int* out) {
+    __shared__ int s[64];
     const int t = threadIdx.x, v = in[t];
-    int* o = out + 8 * t;
+    int* o = out + 10 * t;
     o[0] = __shfl_xor_sync(0xffffffffu, v, 5);
     o[1] = __shfl_down_sync(0xffffffffu, v, 3);
     o[2] = __shfl_up_sync(0xffffffffu, v, 2);
@@ -37,6 +38,12 @@ __global__ void warps(const int* in, int* out) {
     o[5] = (int)__ballot_sync(0xffffffffu, v & 1);
     o[6] = __all_sync(0xffffffffu, v >= 0) + 2 * __any_sync(0xffffffffu, v > 90);
     o[7] = (int)(__shfl_down_sync(0xffffffffu, 0.5 * v, 16) * 2);  // an 8-byte value
+    // Two half-warps, each with its own mask, at two different shuffles.
+    if ((t & 31) < 16) o[8] = __shfl_xor_sync(0x0000ffffu, v, 8);
+    else o[8] = __shfl_xor_sync(0xffff0000u, v, 8);
+    s[t] = v;
+    __syncwarp();  // the lanes' writes are seen by the warp (in any order of its lanes)
+    o[9] = s[t ^ 1];
 }
 """
 
@@ -44,8 +51,13 @@ __global__ void warps(const int* in, int* out) {
 def test_shuffles_and_votes_follow_cuda():
     rng = np.random.default_rng(0)
     v = rng.integers(0, 100, 64).astype(np.int32)
-    out = np.empty((64, 8), np.int32)
-    run(WARPS, ["warps"], "warps", 64, (v, out), poison=(out,))
+    out = np.empty((64, 10), np.int32)
+    for seed in (None, 1, 2):
+        run(WARPS, ["warps"], "warps", 64, (v, out), poison=(out,), seed=seed)
+        check_warps(v, out)
+
+
+def check_warps(v, out):
     lane = np.arange(64) % 32
     warp = np.arange(64) // 32 * 32
 
@@ -62,6 +74,8 @@ def test_shuffles_and_votes_follow_cuda():
     any90 = np.repeat((v.reshape(2, 32) > 90).any(axis=1), 32)
     np.testing.assert_array_equal(out[:, 6], 1 + 2 * any90)
     np.testing.assert_array_equal(out[:, 7], at(np.where(lane + 16 < 32, lane + 16, lane)))
+    np.testing.assert_array_equal(out[:, 8], at(lane ^ 8))
+    np.testing.assert_array_equal(out[:, 9], v[np.arange(64) ^ 1])
 
 
 FAULTS = r"""

@@ -2,6 +2,8 @@
 
 import functools
 import os
+import platform
+import shutil
 
 import pytest
 
@@ -19,8 +21,12 @@ except ImportError:
 def require_compiler() -> None:
     """Skip where there is no C++ compiler; in CI (GPUNET_REQUIRE_NVRTC=1) fail instead, since
     the kernels would otherwise land untested."""
-    if compiler() is None:
-        message = "the SIMT harness needs g++ (or $CXX) to run the CUDA kernels on the CPU"
+    message = None
+    if platform.machine() not in ("x86_64", "AMD64"):
+        message = f"the SIMT harness switches threads with x86-64 code; this is {platform.machine()}"
+    elif compiler() is None or shutil.which("nm") is None:
+        message = "the SIMT harness needs g++ (or $CXX) and nm to run the CUDA kernels on the CPU"
+    if message:
         if os.environ.get("GPUNET_REQUIRE_NVRTC") == "1":
             pytest.fail(message)
         pytest.skip(message)
