@@ -134,15 +134,18 @@ inline int __ffs(int v) { return __builtin_ffs(v); }
 // on what this cannot model).
 inline void __threadfence() { std::atomic_signal_fence(std::memory_order_seq_cst); }
 inline void __threadfence_block() { std::atomic_signal_fence(std::memory_order_seq_cst); }
-template <typename T> inline T atomicAdd(T* p, T v) { T old = *p; *p = old + v; return old; }
-template <typename T> inline T atomicSub(T* p, T v) { T old = *p; *p = old - v; return old; }
-template <typename T> inline T atomicExch(T* p, T v) { T old = *p; *p = v; return old; }
-template <typename T> inline T atomicMin(T* p, T v) { T old = *p; *p = v < old ? v : old; return old; }
-template <typename T> inline T atomicMax(T* p, T v) { T old = *p; *p = v > old ? v : old; return old; }
-template <typename T> inline T atomicAnd(T* p, T v) { T old = *p; *p = old & v; return old; }
-template <typename T> inline T atomicOr(T* p, T v) { T old = *p; *p = old | v; return old; }
-template <typename T> inline T atomicXor(T* p, T v) { T old = *p; *p = old ^ v; return old; }
-template <typename T> inline T atomicCAS(T* p, T compare, T v) {
+// The value's type follows the pointer's (CUDA's overloads convert it: atomicAdd(float*, 1.0)).
+template <typename T> struct same { typedef T type; };
+template <typename T> using value_t = typename same<T>::type;
+template <typename T> inline T atomicAdd(T* p, value_t<T> v) { T old = *p; *p = old + v; return old; }
+template <typename T> inline T atomicSub(T* p, value_t<T> v) { T old = *p; *p = old - v; return old; }
+template <typename T> inline T atomicExch(T* p, value_t<T> v) { T old = *p; *p = v; return old; }
+template <typename T> inline T atomicMin(T* p, value_t<T> v) { T old = *p; *p = v < old ? v : old; return old; }
+template <typename T> inline T atomicMax(T* p, value_t<T> v) { T old = *p; *p = v > old ? v : old; return old; }
+template <typename T> inline T atomicAnd(T* p, value_t<T> v) { T old = *p; *p = old & v; return old; }
+template <typename T> inline T atomicOr(T* p, value_t<T> v) { T old = *p; *p = old | v; return old; }
+template <typename T> inline T atomicXor(T* p, value_t<T> v) { T old = *p; *p = old ^ v; return old; }
+template <typename T> inline T atomicCAS(T* p, value_t<T> compare, value_t<T> v) {
     T old = *p;
     if (old == compare) *p = v;
     return old;
@@ -414,65 +417,63 @@ inline bool resolve_warp(unsigned base, const Fiber*& stuck) {
     std::vector<Fiber>& all = state.fibers;
     const unsigned n = (unsigned)all.size();
     bool progress = false;
-    {
-        const unsigned lanes = std::min(32u, n - base);
-        for (unsigned lane = 0; lane < lanes; ++lane) {
-            Fiber& f = all[base + lane];
-            if (f.wait != Wait::warp) continue;
-            if (!((f.mask >> lane) & 1u))
-                fault("thread %u calls %s with mask 0x%08x, which leaves out its own lane %u",
-                      f.tid, op_name(f.op), f.mask, lane);
-            if (f.width <= 0 || f.width > 32 || (f.width & (f.width - 1)))
-                fault("thread %u calls %s with width %d (a power of two up to 32)", f.tid, op_name(f.op), f.width);
-            bool complete = true;
-            for (unsigned other = 0; other < 32; ++other) {
-                if (!((f.mask >> other) & 1u)) continue;
-                if (other >= lanes)
-                    fault("thread %u calls %s with mask 0x%08x, but lane %u of its warp does not "
-                          "exist (%u threads in the block)", f.tid, op_name(f.op), f.mask, other, n);
-                const Fiber& g = all[base + other];
-                if (g.wait == Wait::warp && g.op == f.op && g.mask == f.mask && g.width == f.width)
-                    continue;
-                if (g.wait == Wait::done || g.wait == Wait::barrier)
-                    fault("thread %u waits in %s (mask 0x%08x) for lane %u, which %s",
-                          f.tid, op_name(f.op), f.mask, other, wait_name(g));
-                complete = false;  // waits at another warp operation, which may complete first
-                if (!stuck) stuck = &f;
-            }
-            if (!complete) continue;
-            // Every lane of the mask is here: compute each one's result from the operands.
-            unsigned ballot = 0;
-            for (unsigned other = 0; other < 32; ++other)
-                if ((f.mask >> other) & 1u) ballot |= (all[base + other].value != 0) << other;
-            for (unsigned other = 0; other < 32; ++other) {
-                if (!((f.mask >> other) & 1u)) continue;
-                Fiber& g = all[base + other];
-                const unsigned w = (unsigned)g.width, first = other & ~(w - 1), end = first + w;
-                long long source = other;
-                switch (g.op) {
-                    case Op::shfl: source = first + ((unsigned)g.arg & (w - 1)); break;
-                    case Op::shfl_up: source = (long long)other - g.arg < (long long)first ? other : other - g.arg; break;
-                    case Op::shfl_down: source = other + (unsigned)g.arg >= end ? other : other + g.arg; break;
-                    case Op::shfl_xor: source = (other ^ (unsigned)g.arg) >= end ? other : (other ^ (unsigned)g.arg); break;
-                    default: break;
-                }
-                if (g.op <= Op::shfl_xor) {
-                    if (!((f.mask >> source) & 1u))
-                        fault("thread %u reads lane %lld in %s, which is not in the mask 0x%08x",
-                              g.tid, source, op_name(g.op), f.mask);
-                    g.result = all[base + source].value;
-                } else if (g.op == Op::all) {
-                    g.result = ballot == f.mask;
-                } else if (g.op == Op::any) {
-                    g.result = ballot != 0;
-                } else {
-                    g.result = ballot;
-                }
-            }
-            for (unsigned other = 0; other < 32; ++other)
-                if ((f.mask >> other) & 1u) all[base + other].wait = Wait::runnable;
-            progress = true;
+    const unsigned lanes = std::min(32u, n - base);
+    for (unsigned lane = 0; lane < lanes; ++lane) {
+        Fiber& f = all[base + lane];
+        if (f.wait != Wait::warp) continue;
+        if (!((f.mask >> lane) & 1u))
+            fault("thread %u calls %s with mask 0x%08x, which leaves out its own lane %u",
+                  f.tid, op_name(f.op), f.mask, lane);
+        if (f.width <= 0 || f.width > 32 || (f.width & (f.width - 1)))
+            fault("thread %u calls %s with width %d (a power of two up to 32)", f.tid, op_name(f.op), f.width);
+        bool complete = true;
+        for (unsigned other = 0; other < 32; ++other) {
+            if (!((f.mask >> other) & 1u)) continue;
+            if (other >= lanes)
+                fault("thread %u calls %s with mask 0x%08x, but lane %u of its warp does not "
+                      "exist (%u threads in the block)", f.tid, op_name(f.op), f.mask, other, n);
+            const Fiber& g = all[base + other];
+            if (g.wait == Wait::warp && g.op == f.op && g.mask == f.mask && g.width == f.width)
+                continue;
+            if (g.wait == Wait::done || g.wait == Wait::barrier)
+                fault("thread %u waits in %s (mask 0x%08x) for lane %u, which %s",
+                      f.tid, op_name(f.op), f.mask, other, wait_name(g));
+            complete = false;  // waits at another warp operation, which may complete first
+            if (!stuck) stuck = &f;
         }
+        if (!complete) continue;
+        // Every lane of the mask is here: compute each one's result from the operands.
+        unsigned ballot = 0;
+        for (unsigned other = 0; other < 32; ++other)
+            if ((f.mask >> other) & 1u) ballot |= (all[base + other].value != 0) << other;
+        for (unsigned other = 0; other < 32; ++other) {
+            if (!((f.mask >> other) & 1u)) continue;
+            Fiber& g = all[base + other];
+            const unsigned w = (unsigned)g.width, first = other & ~(w - 1), end = first + w;
+            long long source = other;
+            switch (g.op) {
+                case Op::shfl: source = first + ((unsigned)g.arg & (w - 1)); break;
+                case Op::shfl_up: source = (long long)other - g.arg < (long long)first ? other : other - g.arg; break;
+                case Op::shfl_down: source = other + (unsigned)g.arg >= end ? other : other + g.arg; break;
+                case Op::shfl_xor: source = (other ^ (unsigned)g.arg) >= end ? other : (other ^ (unsigned)g.arg); break;
+                default: break;
+            }
+            if (g.op <= Op::shfl_xor) {
+                if (!((f.mask >> source) & 1u))
+                    fault("thread %u reads lane %lld in %s, which is not in the mask 0x%08x",
+                          g.tid, source, op_name(g.op), f.mask);
+                g.result = all[base + source].value;
+            } else if (g.op == Op::all) {
+                g.result = ballot == f.mask;
+            } else if (g.op == Op::any) {
+                g.result = ballot != 0;
+            } else {
+                g.result = ballot;
+            }
+        }
+        for (unsigned other = 0; other < 32; ++other)
+            if ((f.mask >> other) & 1u) all[base + other].wait = Wait::runnable;
+        progress = true;
     }
     return progress;
 }
