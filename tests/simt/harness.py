@@ -26,6 +26,10 @@ or shared-memory limits (tests/test_cuda_compile.py checks those with ptxas), or
 float arithmetic: NVRTC contracts a * b + c into one FMA and CuPy compiles with -ftz=true
 (subnormals flushed to zero), and the device's exp/log are within 2 ulp where the host's are
 correctly rounded or nearly so, so results agree to the tests' tolerances, not bit for bit.
+Launches are 1-D (as gpunet's are), and two differently named ``extern __shared__`` arrays get
+a buffer each, where a GPU gives them one address (gpunet's kernels declare one). The harness is
+stricter than a GPU in one place: a thread that exits while the others wait at a
+``__syncthreads`` is a fault, where recent GPUs let the others go.
 """
 
 from __future__ import annotations
