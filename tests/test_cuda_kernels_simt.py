@@ -157,6 +157,13 @@ def test_cross_entropy_of_an_all_ignored_batch_is_zero(dtype):
             assert not loss.astype(np.float64).any() and not grad.astype(np.float64).any()
 
 
+def test_cross_entropy_of_an_empty_batch_launches_nothing():
+    plan = F._CrossEntropyPlan(np.zeros((0, 10), np.float32), np.zeros(0, np.int64), None, -100,
+                               0.0, "mean")
+    launch, args, loss, grad = K.cross_entropy_call(plan, 1.0, np, ONE_SM, np.zeros(1, np.uint32))
+    assert launch is None and args == () and float(loss) == 0.0 and grad.shape == (0, 10)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAMES)
 def test_cross_entropy_of_extreme_logits(dtype):
     rng = np.random.default_rng(1)

@@ -274,3 +274,30 @@ def test_host_conversions_round_as_numpy(kind, dtype):
     with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are in the sample on purpose
         expected = sample.astype(dtype)
     assert_same_bits(rounded.view(dtype), expected)
+
+
+# The header's own half types, which CuPy's ElementwiseKernel code names float16 and bfloat16.
+HALF_TYPES = r"""
+template <typename T> __global__ void round_to(const float* f, T* h, float* back, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        h[i] = (T)f[i];
+        back[i] = (float)h[i];
+    }
+}
+"""
+
+
+@pytest.mark.parametrize("name", ["float16", "bfloat16"])
+def test_elementwise_half_types_round_as_numpy(name):
+    if name == "bfloat16":
+        require_bfloat16()
+    dtype = np.float16 if name == "float16" else BFLOAT16
+    sample = rounding_sample(dtype)
+    rounded, back = np.empty(sample.size, dtype), np.empty(sample.size, np.float32)
+    module(HALF_TYPES, ("round_to<float16>", "round_to<bfloat16>"), "half types").launch(
+        K.Launch(f"round_to<{name}>", 8, 256), (sample, rounded, back, np.int64(sample.size)),
+        poison=(rounded, back))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = sample.astype(dtype)
+    assert_same_bits(rounded, expected)
+    assert_same_bits(back, expected.astype(np.float32))
