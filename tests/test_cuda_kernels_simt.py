@@ -18,7 +18,8 @@ import pytest
 
 from gpunet import cuda_kernels as K, functional as F, layers as L, optim
 from simt import BFLOAT16, module, require_bfloat16, require_compiler
-from simt.harness import elementwise_arguments, elementwise_entry, elementwise_source
+from simt.harness import (elementwise_arguments, elementwise_entry, elementwise_source,
+                          parameter_names)
 from test_cuda_kernels import TOLERANCE
 
 pytestmark = pytest.mark.simt
@@ -271,7 +272,7 @@ def test_cross_entropy_grad_from_kept_lse(dtype, per_row):
     if not per_row:
         assert all(v.ndim == 0 for v in operands[3:7]), "alpha, beta, gamma and smooth as scalars"
     dx = np.empty_like(x)
-    names = [p.split()[1] for p in (K.CROSS_ENTROPY_GRAD[0] + "," + K.CROSS_ENTROPY_GRAD[1]).split(",")]
+    names = parameter_names(K.CROSS_ENTROPY_GRAD)
     run_elementwise(K.CROSS_ENTROPY_GRAD, grad_types, dtype, dict(zip(names, (*operands, dx))),
                     (n, c), poison=(dx,))
     expected = F.softmax_cross_entropy_grad(x.astype(np.float64), t, grad_output=upstream, **kw)

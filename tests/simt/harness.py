@@ -226,6 +226,11 @@ def _params(spec: str) -> list[tuple[str, str]]:
     return [tuple(p.split()) for p in spec.split(",")]
 
 
+def parameter_names(definition) -> list[str]:
+    """The names of an ElementwiseKernel's inputs, then its outputs."""
+    return [n for _, n in _params(definition[0]) + _params(definition[1])]
+
+
 def elementwise_source(definition) -> str:
     """A __global__ template over the type letters of ``definition`` (CuPy's ElementwiseKernel
     arguments: in_params, out_params, operation, name)."""
@@ -257,7 +262,7 @@ def elementwise_arguments(definition, operands: dict, shape: tuple[int, int]) ->
     for ``shape``, broadcast as NumPy broadcasts (size-1 and missing axes get stride 0)."""
     rows, cols = shape
     args = []
-    for _, n in _params(definition[0]) + _params(definition[1]):
+    for n in parameter_names(definition):
         a = operands[n]
         view = np.broadcast_to(a, shape)
         r, c = (s // a.itemsize for s in view.strides)
