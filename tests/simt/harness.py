@@ -97,16 +97,15 @@ def translation_unit(source: str, entries: list[str], name: str) -> str:
 
 
 def _static_shared(executable: Path) -> list[tuple[int, int]]:
-    """(address, bytes) of every function-local static of the kernels (their ``__shared__``
-    variables): C++ names those ``_ZZ<function>E<name>``; the header's own live in ``simt::``,
-    the library's in ``std::``."""
+    """(address, bytes) of the kernels' ``__shared__`` variables: the function-local statics of
+    functions in the global namespace, which C++ names ``_ZZ<length><name>...E<variable>`` (a
+    function in a namespace, the header's or the C++ library's, has ``_ZZN`` or ``_ZZS``)."""
     listing = subprocess.run(["nm", "-S", "--defined-only", str(executable)], check=True,
                              capture_output=True, text=True).stdout
     regions = []
     for line in listing.splitlines():
         parts = line.split()
-        if len(parts) == 4 and parts[2] in "bBdDuV" and parts[3].startswith("_ZZ") \
-                and not parts[3].startswith(("_ZZN4simt", "_ZZNSt", "_ZZNKSt")):
+        if len(parts) == 4 and parts[2] in "bBdDuV" and re.match(r"_ZZ\d", parts[3]):
             regions.append((int(parts[0], 16), int(parts[1], 16)))
     return regions
 
