@@ -255,9 +255,9 @@ class Trainer:
             self._check_resume(resumed["meta"], config.resume)
         if self.device.type == "cpu" and self.dtype != self.param_dtype:
             self._warn(f"--dtype {config.dtype} on the CPU: NumPy has no {config.dtype} "
-                       "arithmetic of its own and emulates it, so training runs hundreds of "
-                       f"times slower than float32 (about 275 x for float16: minutes per epoch, "
-                       "not seconds); mixed precision pays off on a GPU, use float32 here")
+                       "arithmetic of its own and emulates it, so training runs far slower than "
+                       "in float32 (about 275 x for float16: minutes per epoch, not seconds); "
+                       "mixed precision pays off on a GPU, use float32 here")
         if data is None:
             data = prepare_mnist(load_mnist(config.data_dir, progress=not quiet),
                                  val_size=config.val_size, device=self.device, dtype=self.dtype)
@@ -385,10 +385,13 @@ class Trainer:
     def _memory_text(self, in_features: int, batch_rows: int) -> str:
         need, params = self._memory_need(in_features, batch_rows)
         widths = "-".join(map(str, [in_features, *self.config.hidden, NUM_CLASSES]))
+        eval_rows = min(self.config.eval_batch_size,
+                        max(len(self.data.y_val), len(self.data.y_test), 1))
         return (f"--hidden {','.join(map(str, self.config.hidden))} with --batch-size "
                 f"{self.config.batch_size} needs about {_gib(need)} (model {widths}: {params:,} "
-                f"parameters, with their gradients and {self.config.optimizer} state, and one "
-                f"batch of {batch_rows})")
+                f"parameters, with their gradients and {self.config.optimizer} state, and the "
+                f"layers' outputs for a batch of {batch_rows} and an evaluation batch of "
+                f"{eval_rows})")
 
     # --- the training step: everything between two batches ------------------------------------
 
