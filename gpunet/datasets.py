@@ -350,6 +350,8 @@ def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
     that the next run would trust.
     """
     final = folder / f"{name}.gz"
+    for stale in folder.glob(f"{final.name}.{'?' * 8}.part"):  # left by a download killed -9
+        stale.unlink(missing_ok=True)
     failures = []
     for mirror in MIRRORS:
         url = f"{mirror}{name}.gz"

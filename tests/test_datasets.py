@@ -384,6 +384,19 @@ def test_download_with_every_mirror_failing_leaves_nothing(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_removes_what_a_killed_one_left(tmp_path, monkeypatch, tiny_hashes):
+    files = tiny_mnist()
+    write_mnist(tmp_path, {n: d for n, d in files.items() if n != "t10k-labels-idx1-ubyte"})
+    stale = tmp_path / "t10k-labels-idx1-ubyte.gz.0a1b2c3d.part"
+    other = tmp_path / "t10k-images-idx3-ubyte.gz.0a1b2c3d.part"
+    stale.write_bytes(b"half a download")
+    other.write_bytes(b"another file's")
+    monkeypatch.setattr(datasets, "MIRRORS", ("https://good.example/",))
+    monkeypatch.setattr(datasets, "_urlopen", FakeMirrors({"https://good.example/": good}))
+    check_tiny(load_mnist(tmp_path))
+    assert not stale.exists() and other.read_bytes() == b"another file's"
+
+
 def test_download_interrupted_midway_leaves_nothing(tmp_path, monkeypatch, tiny_hashes):
     class Breaks(io.BytesIO):
         def read(self, *args):
