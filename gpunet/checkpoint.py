@@ -169,10 +169,9 @@ def check_meta(meta, path) -> None:
     for key, low in (("steps_per_epoch", 1), ("schedule_epochs", 1)):
         if key in meta and not (_is_int(meta[key]) and low <= meta[key] < MAX_STEPS):
             bad(key, f"an integer >= {low}", meta[key])
-    if "initial_loss" in meta and not (_is_finite(meta["initial_loss"]) and meta["initial_loss"] >= 0):
-        bad("initial_loss", "a finite number >= 0", meta["initial_loss"])
-    if "total_seconds" in meta and not (_is_finite(meta["total_seconds"]) and meta["total_seconds"] >= 0):
-        bad("total_seconds", "a finite number >= 0", meta["total_seconds"])
+    for key in ("initial_loss", "total_seconds"):
+        if key in meta and not (_is_finite(meta[key]) and meta[key] >= 0):
+            bad(key, "a finite number >= 0", meta[key])
 
 
 def check_arrays(checkpoint: dict, path) -> None:
@@ -322,6 +321,11 @@ def check_outputs(outputs: dict, inputs: dict | None = None, updatable: tuple = 
             if source is not None and (flag, what) not in updatable and _identity(source) == key:
                 raise ValueError(f"{flag} {path} is {what} of this run; writing it would destroy "
                                  "it, give another path")
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name one file (through symlinks and hard links too)."""
+    return _identity(a) == _identity(b)
 
 
 def _identity(path) -> tuple:

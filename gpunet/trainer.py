@@ -285,9 +285,9 @@ class Trainer:
                 xp = get_array_module(data.x_train)
                 self._x_batch = xp.empty((batch_rows, in_features), dtype=self.dtype)
                 self._y_batch = xp.empty((batch_rows,), dtype=np.int64)
-        except MemoryError:
-            raise ValueError(f"out of memory building the model: {self._memory_text(in_features, batch_rows)}"
-                             ) from None
+        except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError too)
+            need = self._memory_text(in_features, batch_rows)
+            raise ValueError(f"out of memory building the model: {need}") from None
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.shuffle_rng = np.random.default_rng(config.seed)
         self.epoch, self.history = 0, []
@@ -327,7 +327,7 @@ class Trainer:
         self.epoch, self.history = epoch, list(meta["history"])
         self.initial_loss = meta.get("initial_loss")
         self.previous_seconds = meta.get("total_seconds", sum(h["seconds"] for h in self.history))
-        if self.config.save and checkpoint._identity(self.config.save) == checkpoint._identity(path):
+        if self.config.save and checkpoint.same_file(self.config.save, path):
             last = self.history[-1] if self.history else None
             self.saved = (epoch, last is None or self._failure(last) is None)
 
