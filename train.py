@@ -82,7 +82,11 @@ def _parse(kind, text, expected):
 
 def build_parser() -> argparse.ArgumentParser:
     d = {name: f.default for name, f in DEFAULTS.items()}
-    p = Parser(prog="train.py", description="Train an MLP on MNIST with gpunet.")
+    p = Parser(prog="train.py", description="Train an MLP on MNIST with gpunet.",
+               epilog=f"exit status: 0 done, 1 an error (one line on stderr), 2 a bad flag, "
+                      f"{FAILED_RUN} done but the last epoch looks failed, {INTERRUPTED} Ctrl-C, "
+                      f"{TERMINATED} SIGTERM, {BROKEN_PIPE} stdout closed; an interrupted run "
+                      "says what its --save file holds")
     # Every default is None here so that --resume can tell the flags you gave from the ones you
     # did not: those come from the checkpoint, then from TrainConfig.
     add = p.add_argument

@@ -391,3 +391,28 @@ def test_metrics_name_the_data_folder_and_count_resumed_time(capsys, tmp_path, m
     assert second["train_seconds"] <= second["total_seconds"]
     assert second["total_seconds"] >= first["total_seconds"]
     assert json.loads(str(np.load(ckpt)["meta"]))["epoch"] == 2  # updated in place
+
+
+def test_help_names_the_nesterov_flag_and_the_exit_statuses(capsys):
+    code, out, err = run(capsys, "--help")
+    assert code == 0 and "--nesterov            Nesterov momentum for SGD" in out
+    assert "SGD momentum (default 0.9)" in out and "--schedule-epochs" in out
+    assert "3 done but" in out and "143 SIGTERM" in out
+
+
+def test_ctrl_c_says_what_the_checkpoint_holds(capsys, tmp_path, mnist_dir, monkeypatch):
+    from gpunet.trainer import Trainer
+    real = Trainer.train_epoch
+
+    def interrupted_in_epoch_2(self, progress=None):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return real(self, progress)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted_in_epoch_2)
+    ckpt = tmp_path / "c.npz"
+    code, out, err = run(capsys, *FAST, "--data-dir", mnist_dir, "--epochs", "3", "--save", ckpt)
+    assert code == train.INTERRUPTED
+    assert err == [f"train.py: interrupted during epoch 2 of 3; the last good checkpoint {ckpt} "
+                   "(epoch 1) is kept"]
+    assert sorted(os.listdir(tmp_path)) == ["c.npz"]
