@@ -343,11 +343,23 @@ def check_writable(path, what: str) -> None:
     path = Path(path)
     target = Path(os.path.realpath(path))  # through a symlink, the file that will be replaced
     via = f" (a symlink to {target})" if path.is_symlink() else ""
-    if target.exists() and not target.is_file():
-        kind = _file_kind(target)
+    try:
+        st = os.stat(path)  # follows every link, /proc's too (/dev/stdout -> a pipe, a tty)
+    except OSError:
+        st = None
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        kind = _file_kind(st.st_mode)
         advice = "give a file path" if kind == "a directory" else \
             "gpunet writes only regular files, give another path"
         raise ValueError(f"{what} {path}{via} is {kind}, not a regular file; {advice}")
+    if st is not None:
+        for fd, name in ((0, "standard input"), (1, "standard output"), (2, "standard error")):
+            try:
+                if os.path.samestat(st, os.fstat(fd)):
+                    raise ValueError(f"{what} {path} is this process's {name}; replacing it "
+                                     "would lose what is written there, give another path")
+            except OSError:
+                pass  # that descriptor is closed
     folder = target.parent
     if not folder.is_dir():
         raise ValueError(f"{what} {path}: folder {folder} does not exist")
@@ -361,8 +373,7 @@ def check_writable(path, what: str) -> None:
         raise ValueError(f"{what} {path} exists and is not writable")
 
 
-def _file_kind(path: Path) -> str:
-    mode = path.stat().st_mode
+def _file_kind(mode: int) -> str:
     for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
                        (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a fifo"),
                        (stat.S_ISSOCK, "a socket")):

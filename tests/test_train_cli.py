@@ -416,3 +416,24 @@ def test_ctrl_c_says_what_the_checkpoint_holds(capsys, tmp_path, mnist_dir, monk
     assert err == [f"train.py: interrupted during epoch 2 of 3; the last good checkpoint {ckpt} "
                    "(epoch 1) is kept"]
     assert sorted(os.listdir(tmp_path)) == ["c.npz"]
+
+
+@pytest.mark.parametrize("stdout", ["file", "pipe"])
+def test_metrics_onto_dev_stdout_is_refused_and_the_log_kept(tmp_path, stdout):
+    """``--metrics-json /dev/stdout > log``: replacing the log with the JSON would lose the log
+    (and the link /dev/stdout must never be replaced); into a pipe it is a fifo, refused too."""
+    log = tmp_path / "log"
+    log.write_text("earlier lines\n")
+    argv = [sys.executable, str(PROJECT / "train.py"), "--device", "cpu", "--data-dir",
+            str(tmp_path / "none"), "--metrics-json", "/dev/stdout"]
+    if stdout == "file":
+        with open(log, "a") as out:
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, text=True)
+        expected = "--metrics-json /dev/stdout is this process's standard output; replacing it " \
+                   "would lose what is written there, give another path"
+    else:
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        expected = "is a fifo, not a regular file"
+    assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
+    assert expected in proc.stderr
+    assert log.read_text() == "earlier lines\n" and os.path.islink("/dev/stdout")
