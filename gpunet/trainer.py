@@ -307,6 +307,12 @@ class Trainer:
     def _restore(self, resumed: dict) -> None:
         path, meta = self.config.resume, resumed["meta"]
         epoch = meta["epoch"]
+        missing = [k for k in ("optimizer/lr", "optimizer/step", "scheduler/last_step")
+                   if k not in resumed]
+        if missing:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} lacks {', '.join(map(repr, missing))}, so it cannot continue a "
+                "run (was it written by checkpoint.save without an optimizer or a scheduler?)")
         most = epoch * meta.get("steps_per_epoch", self.n_train)  # a batch holds >= 1 image
         for key in ("optimizer/step", "scheduler/last_step"):
             if key in resumed and int(resumed[key]) > most:

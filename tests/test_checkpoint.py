@@ -212,6 +212,18 @@ def test_the_trainer_refuses_a_step_count_past_what_the_epochs_allow(good, tmp_p
                             resume=str(path)), tiny_data(), quiet=True)
 
 
+@pytest.mark.parametrize("key", ["scheduler/last_step", "optimizer/step", "optimizer/lr"])
+def test_a_checkpoint_without_the_run_state_is_refused(good, tmp_path, key):
+    arrays = entries(good)
+    del arrays[key]
+    path = tmp_path / "bad.npz"
+    write(path, arrays)
+    with pytest.raises(CheckpointError, match=f"checkpoint {path} lacks '{key}', so it cannot "
+                                              "continue a run"):
+        Trainer(TrainConfig(device="cpu", hidden=(8,), epochs=2, batch_size=32, progress=False,
+                            resume=str(path)), tiny_data(), quiet=True)
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 def test_a_symlink_is_written_through(tmp_path):
