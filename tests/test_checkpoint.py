@@ -224,6 +224,24 @@ def test_a_checkpoint_without_the_run_state_is_refused(good, tmp_path, key):
                             resume=str(path)), tiny_data(), quiet=True)
 
 
+def test_a_checkpoint_from_before_the_optional_keys_still_resumes(good, tmp_path):
+    """Format-1 files written before steps_per_epoch, schedule_epochs, initial_loss and
+    total_seconds existed load, and resume where they stopped."""
+    def older(meta):
+        for key in ("steps_per_epoch", "schedule_epochs", "initial_loss", "total_seconds"):
+            meta.pop(key)
+        meta["config"].pop("schedule_epochs")
+    path = tmp_path / "old.npz"
+    write(path, with_meta(good, older))
+    trainer = Trainer(TrainConfig(device="cpu", hidden=(8,), epochs=3, batch_size=32,
+                                  schedule="constant", progress=False, resume=str(path)),
+                      tiny_data(), quiet=True)
+    assert trainer.epoch == 2 and trainer.scheduler.last_step == 6 and trainer.initial_loss is None
+    metrics = trainer.fit()
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
+    assert metrics["train_seconds"] <= metrics["total_seconds"]
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 def test_a_symlink_is_written_through(tmp_path):
