@@ -44,7 +44,8 @@ def no_network(monkeypatch):
 
 def _mnist_candidates() -> list[Path]:
     env = os.environ.get("GPUNET_DATA")
-    return [Path(env)] * bool(env) + [PROJECT.parent / "shared" / "data" / "mnist", PROJECT / "data"]
+    found_by_env = [Path(env)] if env else []
+    return found_by_env + [PROJECT.parent / "shared" / "data" / "mnist", PROJECT / "data"]
 
 
 def _find_mnist() -> Path | None:
