@@ -213,7 +213,9 @@ def _declared_size(head: bytes, kind: str, source: str, name: str | None) -> tup
     if len(head) < header_size or struct.unpack_from(">I", head)[0] != magic:
         return None
     count = struct.unpack_from(">I", head, 4)[0]
-    item_size = IMAGE_SHAPE[0] * IMAGE_SHAPE[1] if kind == "images" else 1
+    # The header's own image size, so that parse_idx can name a wrong one (28x29, say).
+    rows, cols = struct.unpack_from(">II", head, 8) if kind == "images" else (1, 1)
+    item_size = rows * cols
     expected = header_size + count * item_size
     if name is not None and name in SIZES and expected != SIZES[name]:
         published = (SIZES[name] - header_size) // item_size

@@ -161,10 +161,12 @@ def test_labels_where_images_were_expected(tmp_path):
         load_with(tmp_path, "t10k-images-idx3-ubyte", tiny_mnist()["t10k-labels-idx1-ubyte"])
 
 
-def test_images_must_be_28x28(tmp_path):
-    data = struct.pack(">IIII", 2051, 5, 28, 27) + bytes(5 * 28 * 27)
-    with pytest.raises(DatasetError, match=r"images are 28x27, expected 28x28"):
-        load_with(tmp_path, "train-images-idx3-ubyte", data)
+@pytest.mark.parametrize("cols", [27, 29])
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_images_must_be_28x28(tmp_path, cols, gz):
+    data = struct.pack(">IIII", 2051, 5, 28, cols) + bytes(5 * 28 * cols)
+    with pytest.raises(DatasetError, match=rf"images are 28x{cols}, expected 28x28"):
+        load_with(tmp_path, "train-images-idx3-ubyte", data, gz=gz)
 
 
 def test_image_and_label_counts_must_match(tmp_path):
