@@ -182,7 +182,10 @@ def main(argv=None) -> int:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
             pass  # stdout is no file descriptor (a test's capture): nothing will flush it
-        print(f"train.py: stdout was closed (broken pipe) {_where(trainer)}", file=sys.stderr)
+        try:
+            print(f"train.py: stdout was closed (broken pipe) {_where(trainer)}", file=sys.stderr)
+        except OSError:
+            pass  # stderr went with it (2>&1 | head)
         return BROKEN_PIPE
     except (ValueError, TypeError, OSError, MemoryError, DatasetError, DeviceError,
             CheckpointError, TrainingDiverged) as exc:

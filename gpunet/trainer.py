@@ -515,9 +515,6 @@ class Trainer:
             self._judge(self.history[-1])
         test_loss, test_acc = self.evaluate(self.data.x_test, self.data.y_test)
         elapsed = time.perf_counter() - start_time
-        failed = f"; the run looks failed ({self.failed})" if self.failed else ""
-        self._say(f"test accuracy {test_acc:.2%} (test loss {test_loss:.4f}) after "
-                  f"{_plural(self.epoch, 'epoch')}, {elapsed:.1f}s{failed}")
         settings = config.to_dict()
         if self.data_dir is not None:  # where the data came from, also via GPUNET_DATA
             settings["data_dir"] = str(self.data_dir)
@@ -531,9 +528,12 @@ class Trainer:
             "failed": self.failed, "failed_epochs": self.failed_epochs,
             "config": settings,
         }
-        if config.metrics_json:
+        if config.metrics_json:  # before the last line, which a closed stdout would stop
             checkpoint.atomic_write(config.metrics_json,
                                     lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        failed = f"; the run looks failed ({self.failed})" if self.failed else ""
+        self._say(f"test accuracy {test_acc:.2%} (test loss {test_loss:.4f}) after "
+                  f"{_plural(self.epoch, 'epoch')}, {elapsed:.1f}s{failed}")
         return metrics
 
     def _judge(self, stats: dict) -> None:

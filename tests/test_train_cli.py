@@ -437,3 +437,21 @@ def test_metrics_onto_dev_stdout_is_refused_and_the_log_kept(tmp_path, stdout):
     assert proc.returncode == 1 and len(proc.stderr.splitlines()) == 1
     assert expected in proc.stderr
     assert log.read_text() == "earlier lines\n" and os.path.islink("/dev/stdout")
+
+
+def test_a_pipe_closed_at_the_last_line_still_gets_the_metrics(tmp_path, mnist_dir):
+    """``train.py ... | head -2``: the reader leaves before the final line; the metrics are on disk."""
+    metrics = tmp_path / "m.json"
+    proc = subprocess.Popen([sys.executable, str(PROJECT / "train.py"), *FAST, "--data-dir",
+                             str(mnist_dir), "--epochs", "1", "--metrics-json", str(metrics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = [proc.stdout.readline(), proc.stdout.readline()]
+    proc.stdout.close()  # what head does after its lines
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert lines[1].startswith("epoch 1/1 ")
+    assert json.loads(metrics.read_text())["epochs"] == 1
+    assert proc.returncode in (0, train.BROKEN_PIPE) and "Traceback" not in err
+    if proc.returncode:
+        assert err == ("train.py: stdout was closed (broken pipe) after epoch 1 of 1; nothing was "
+                       "saved (no --save was given)\n")
