@@ -77,6 +77,9 @@ def load(path, *, meta_only: bool = False) -> dict:
             for key in (["meta"] if meta_only else f.files):
                 try:
                     out[key] = f[key]
+                except MemoryError as exc:  # a header that declares a huge shape
+                    raise CheckpointError(f"checkpoint {path}: entry {key!r} is too large to "
+                                          f"load ({exc}); the file is damaged or crafted") from None
                 except ValueError as exc:
                     if "pickle" not in str(exc):
                         raise

@@ -171,6 +171,22 @@ def test_pickled_entries_are_refused_without_suggesting_pickle(good, tmp_path):
     assert "allow_pickle" not in str(info.value)
 
 
+def test_an_entry_that_declares_a_huge_shape_is_named(good, tmp_path):
+    from numpy.lib import format as npy_format
+    header = io.BytesIO()
+    npy_format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                               "shape": (2 ** 50,)})  # 4 PiB
+    path = tmp_path / "huge.npz"
+    with zipfile.ZipFile(io.BytesIO(good)) as src, zipfile.ZipFile(path, "w") as dst:
+        for name in src.namelist():
+            dst.writestr(name, header.getvalue() + bytes(64) if name == "model/0.weight.npy"
+                         else src.read(name))
+    with pytest.raises(CheckpointError, match=r"checkpoint .*huge.npz: entry 'model/0.weight' is "
+                                              r"too large to load \(.*\); the file is damaged "
+                                              r"or crafted"):
+        checkpoint.load(path)
+
+
 @pytest.mark.parametrize("name,content,what", [
     ("c.npz.gz", None, "a gzip file"),
     ("m.json", b'{"test_accuracy": 0.98}', "text that looks like JSON (a --metrics-json file?)"),
