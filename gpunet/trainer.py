@@ -567,7 +567,7 @@ class Trainer:
             reasons.append(f"validation accuracy {acc:.2%} is at chance "
                            f"({1 / NUM_CLASSES:.0%} for {NUM_CLASSES} classes)")
         start = self.initial_loss if self.initial_loss is not None else math.log(NUM_CLASSES)
-        if stats["train_loss"] > LOSS_FACTOR * start:
+        if start > 0 and stats["train_loss"] > LOSS_FACTOR * start:
             reasons.append(f"the training loss {stats['train_loss']:.4g} is "
                            f"{stats['train_loss'] / start:.3g} x the {start:.4g} it started from")
         return " and ".join(reasons) or None

@@ -395,3 +395,22 @@ def test_emulated_low_precision_on_the_cpu_is_said_up_front(capsys):
                                                "float16 arithmetic of its own and emulates it")
     Trainer(quick(epochs=0), data)
     assert capsys.readouterr().err == ""
+
+
+def test_the_failed_run_rule_at_its_edges():
+    trainer = Trainer(quick(epochs=0), synthetic(), quiet=True)
+    trainer.initial_loss = 2.0
+
+    def verdict(acc, loss):
+        return trainer._failure({"epoch": 1, "train_loss": loss, "val_loss": 1.0,
+                                 "val_accuracy": acc, "seconds": 0.1})
+
+    assert verdict(0.16, 1.0) is None and verdict(None, 3.9) is None
+    assert verdict(0.15, 1.0) == "validation accuracy 15.00% is at chance (10% for 10 classes)"
+    assert verdict(0.9, 4.1) == "the training loss 4.1 is 2.05 x the 2 it started from"
+    assert verdict(0.1, 5.0).startswith("validation accuracy 10.00% is at chance") \
+        and verdict(0.1, 5.0).endswith(" and the training loss 5 is 2.5 x the 2 it started from")
+    trainer.initial_loss = 0.0  # a perfect first step: no loss yardstick, no division by it
+    assert verdict(0.9, 1.0) is None
+    trainer.initial_loss = None  # a resumed old checkpoint: ln 10 stands in for the start
+    assert verdict(0.9, 4.0) is None and verdict(0.9, 4.7) is not None
