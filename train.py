@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--device", help=f"auto, cpu, cuda or cuda:N (default {d['device']})")
     add("--epochs", type=non_negative_int, help=f"total epochs (default {d['epochs']})")
-    add("--batch-size", type=positive_int, help=f"(default {d['batch_size']})")
+    add("--batch-size", type=positive_int,
+        help=f"(default {d['batch_size']}; per rank with --distributed, as in PyTorch DDP)")
     rates = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
     add("--lr", type=positive_float, help=f"peak learning rate (default {rates})")
     add("--optimizer", choices=OPTIMIZERS, help=f"(default {d['optimizer']})")
@@ -118,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="no progress bar (it is off anyway when stdout is not a terminal)")
     add("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
         help="on a GPU, launch each kernel eagerly instead of replaying a captured CUDA graph")
+    add("--distributed", action="store_true", default=None,
+        help="data-parallel over the ranks of an MPI launch (mpiexec -n N python -m mpi4py "
+             "train.py --distributed): one gradient allreduce per step, rank 0 writes the files")
     return p
 
 
@@ -163,17 +167,30 @@ def _where(trainer) -> str:
     return f"{at}; {trainer.checkpoint_note()}"
 
 
+def _end(comm, code: int) -> int:
+    """The exit status; in a run of several ranks, this rank's error ends them all (the others
+    would wait in their next allreduce for ever)."""
+    if comm is not None and comm.size > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        comm.abort(code)
+    return code
+
+
 def main(argv=None) -> int:
+    from gpunet import distributed
     from gpunet.backend import DeviceError
     from gpunet.checkpoint import CheckpointError
     from gpunet.datasets import DatasetError
     from gpunet.trainer import Trainer, TrainingDiverged
 
     args = build_parser().parse_args(argv)
-    trainer = None
+    trainer = comm = None
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        trainer = Trainer(config_from_args(args))
+        config = config_from_args(args)
+        comm = distributed.init(config.distributed)
+        trainer = Trainer(config, comm=comm)
         metrics = trainer.fit()
     except BrokenPipeError:
         # stdout's reader went away (``| head``). Stop as a SIGPIPE would, saying on stderr what
@@ -188,13 +205,14 @@ def main(argv=None) -> int:
             pass  # stderr went with it (2>&1 | head)
         return BROKEN_PIPE
     except (ValueError, TypeError, OSError, MemoryError, DatasetError, DeviceError,
-            CheckpointError, TrainingDiverged) as exc:
-        print(f"train.py: error: {exc or type(exc).__name__}", file=sys.stderr)
-        return 1
+            CheckpointError, TrainingDiverged, distributed.DistributedError) as exc:
+        rank = f"rank {comm.rank}: " if comm is not None and comm.size > 1 else ""
+        print(f"train.py: error: {rank}{exc or type(exc).__name__}", file=sys.stderr)
+        return _end(comm, 1)
     except KeyboardInterrupt as exc:
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
         print(f"train.py: {how} {_where(trainer)}", file=sys.stderr)
-        return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+        return _end(comm, TERMINATED if isinstance(exc, Terminated) else INTERRUPTED)
     finally:
         signal.signal(signal.SIGTERM, previous)
     return FAILED_RUN if metrics["failed"] else 0

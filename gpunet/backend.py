@@ -101,6 +101,11 @@ def get_device(spec: str | Device = "cpu") -> Device:
     raise ValueError(f"device must be one of 'auto', 'cpu', 'cuda', 'cuda:N', got {spec!r}")
 
 
+def cuda_device_count() -> int:
+    """The number of GPUs CUDA can see (DeviceError where CUDA cannot be used)."""
+    return _cupy().cuda.runtime.getDeviceCount()
+
+
 _cuda_problem_cache: list[str | None] = []
 
 

@@ -31,7 +31,7 @@ class DistributedError(RuntimeError):
 class Communicator:
     """A single process: rank 0 of 1, and every collective leaves its argument as it is."""
 
-    rank, size, local_rank = 0, 1, 0
+    rank, size, local_rank, local_size = 0, 1, 0, 1
 
     @property
     def is_root(self) -> bool:
@@ -74,7 +74,7 @@ class MPICommunicator(Communicator):
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         # The rank among the processes of this machine: which GPU this rank takes.
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-        self.local_rank = local.Get_rank()
+        self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
         self._nccl = None
 

@@ -56,13 +56,15 @@ class GraphStep:
         self.graph = None
         self.failed = None  # why capture failed, once it has
 
-    def _step(self, rows: int) -> None:
-        """One training step on the first ``rows`` rows of the batch buffers; capturable."""
+    def _step(self, rows: int, global_rows: int) -> None:
+        """One training step on the first ``rows`` rows of the batch buffers (of ``global_rows``
+        over all ranks); capturable, the gradients' allreduce included."""
         t = self.trainer
         x, y = self.x_batch[:rows], self.y_batch[:rows]
         cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
                                   t.config.batch_size)
         loss = t.forward_backward(x, y)
+        t.average_gradients(rows, global_rows)
         t.optimizer.device_update(self.lr_table, self.counters)
         cuda_kernels.finish_step(loss, self.losses, self.counters)
 
@@ -81,7 +83,7 @@ class GraphStep:
         with cupy.cuda.using_allocator(malloc):
             self.stream.begin_capture(mode=mode)
             try:
-                self._step(self.trainer.config.batch_size)
+                self._step(self.trainer.config.batch_size, self.trainer.global_batch)
             except BaseException:
                 # End the capture, but report what broke it, not the invalidated capture.
                 try:
@@ -93,28 +95,30 @@ class GraphStep:
         self.graph, self.graph_memory = graph, memory
 
     def run_epoch(self, order_host: np.ndarray, meter, progress=None) -> None:
-        """Train one epoch: graph replays for the full batches, eager steps for the rest."""
+        """Train one epoch: graph replays for the full batches, eager steps for the rest.
+        ``order_host`` is this rank's rows, step after step (Trainer.local_order)."""
         t, cupy = self.trainer, self.cupy
-        bs, n = t.config.batch_size, t.n_train
+        bs, full = t.config.batch_size, t.global_batch
         lrs = epoch_learning_rates(t.scheduler, t.steps_per_epoch)
         with t.device.scope():
             written = cupy.cuda.get_current_stream().record()  # the data and parameters
         with t.device.scope(), self.stream:
             self.stream.wait_event(written)
-            self.order.set(order_host, stream=self.stream)
+            self.order[:len(order_host)].set(order_host, stream=self.stream)
             self.lr_table.set(lrs.astype(self.lr_table.dtype), stream=self.stream)
             self.counters.set(np.array([t.optimizer.step_count, 0], np.int64), stream=self.stream)
             meter.losses = self.losses
             for step in range(t.steps_per_epoch):
-                rows = min(bs, n - step * bs)
-                if rows == bs and self.graph is not None:
+                rows, global_rows = int(t.batch_sizes[step]), int(t.global_batch_sizes[step])
+                whole = rows == bs and global_rows == full  # the step the graph holds
+                if whole and self.graph is not None:
                     self.graph.launch(stream=self.stream)
                 else:
-                    self._step(rows)
-                    if step == 0 and rows == bs and self.failed is None:
+                    self._step(rows, global_rows)
+                    if step == 0 and whole and self.failed is None:
                         self._try_capture()
                 meter.steps = step + 1
-                t._tick(progress, meter, rows)
+                t._tick(progress, meter, global_rows)
         self.stream.synchronize()
         # The host-side counts catch up with what the device did.
         t.optimizer.step_count += t.steps_per_epoch

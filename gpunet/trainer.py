@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from . import checkpoint, layers, losses, optim
+from . import checkpoint, distributed, layers, losses, optim
+from .kernels import blas
 from .backend import (get_array_module, get_device, manual_seed, resolve_dtype, take_rows,
                       to_device, to_numpy)
 from .datasets import load_mnist, mnist_files, resolve_root
@@ -65,6 +66,9 @@ class TrainConfig:
     progress: bool = True
     eval_batch_size: int = 2000
     cuda_graph: bool = True  # capture the training step as a CUDA graph (GPU only)
+    # Data-parallel over the ranks of an MPI launch (gpunet.distributed); batch_size is then
+    # per rank, as in PyTorch's DistributedDataParallel, and the global batch is size x that.
+    distributed: bool = False
 
     def __post_init__(self):
         if isinstance(self.hidden, (list, tuple)):
@@ -232,9 +236,16 @@ class Trainer:
     """Holds a run's model, optimizer, schedule and shuffle generator; ``fit`` runs it."""
 
     def __init__(self, config: TrainConfig, data: DeviceData | None = None, *,
-                 quiet: bool = False):
-        self.config, self.quiet = config, quiet
-        self.device = get_device(config.device)
+                 quiet: bool = False, comm: distributed.Communicator | None = None):
+        self.comm = comm if comm is not None else distributed.init(config.distributed)
+        self._notes = []  # lines for after fit()'s first line
+        # Every rank trains; rank 0 alone speaks and writes files.
+        self.config, self.quiet = config, quiet or not self.comm.is_root
+        if self.comm.size > 1:
+            distributed.check_same_everywhere(self.comm, config.to_dict(), "flags")
+        self.device = self._rank_device(get_device(config.device))
+        if self.comm.local_size > 1 and self.device.type == "cpu":
+            self._share_cores()
         # The data and the products run in `dtype`; parameters (the optimizer's master copies)
         # stay float32 under mixed precision.
         self.dtype = resolve_dtype(config.dtype)
@@ -243,14 +254,19 @@ class Trainer:
         # Everything the run would write is checked before anything is read or computed.
         self.data_dir = resolve_root(config.data_dir) if data is None else None
         data_files = mnist_files(self.data_dir) if data is None else {}
-        checkpoint.check_outputs(
-            {"--save": config.save, "--metrics-json": config.metrics_json},
-            {**{f"the data file {name}": path for name, path in data_files.items()},
-             "the --resume checkpoint": config.resume},
-            # Updating the checkpoint a run resumed from is the usual way to continue a run: the
-            # file is read whole before the first save, and every save replaces it atomically.
-            updatable=(("--save", "the --resume checkpoint"),))
-        resumed = checkpoint.load(config.resume) if config.resume else None
+        if self.comm.is_root:  # the one rank that writes
+            checkpoint.check_outputs(
+                {"--save": config.save, "--metrics-json": config.metrics_json},
+                {**{f"the data file {name}": path for name, path in data_files.items()},
+                 "the --resume checkpoint": config.resume},
+                # Updating the checkpoint a run resumed from is the usual way to continue a run:
+                # the file is read whole before the first save, and every save replaces it
+                # atomically.
+                updatable=(("--save", "the --resume checkpoint"),))
+        # Rank 0 reads the checkpoint and sends it to the others: one file, one truth.
+        resumed = checkpoint.load(config.resume) if config.resume and self.comm.is_root else None
+        if self.comm.size > 1 and config.resume:
+            resumed = self.comm.broadcast_object(resumed)
         if resumed is not None:  # what can be checked before the data is read
             self._check_resume(resumed["meta"], config.resume)
         if self.device.type == "cpu" and self.dtype != self.param_dtype:
@@ -264,8 +280,13 @@ class Trainer:
         self.data = data
         _check_labels(data)
         self.n_train = len(data.y_train)
-        self.batch_sizes = np.diff(np.r_[0:self.n_train:config.batch_size, self.n_train])
-        self.steps_per_epoch = len(self.batch_sizes)
+        # A step takes one global batch of the epoch's permutation (batch_size rows per rank);
+        # each rank takes its shard of it. batch_sizes are this rank's rows per step.
+        self.global_batch = config.batch_size * self.comm.size
+        self.global_batch_sizes = np.diff(np.r_[0:self.n_train:self.global_batch, self.n_train])
+        self.batch_sizes = np.array([np.subtract(*distributed.shard(int(g), self.comm)[::-1])
+                                     for g in self.global_batch_sizes], dtype=np.int64)
+        self.steps_per_epoch = len(self.global_batch_sizes)
         in_features = int(np.prod(data.x_train.shape[1:]))
         batch_rows = min(config.batch_size, self.n_train)
         if config.batch_size > self.n_train:
@@ -299,10 +320,40 @@ class Trainer:
         self.saved, self.saving, self.in_epoch = None, False, False
         if resumed is not None:
             self._restore(resumed)
+        if self.comm.size > 1:  # every rank starts from rank 0's parameters and state
+            with self.device.scope():
+                self.comm.broadcast_(self.optimizer.data)
+                for buffer in self.optimizer.state.values():
+                    self.comm.broadcast_(buffer)
         self.graph = None
         if self.device.type == "cuda" and config.cuda_graph and self.optimizer.fused_device_update:
             from .graph import GraphStep
             self.graph = GraphStep(self)
+
+    def _share_cores(self) -> None:
+        """Ranks that share a machine share its cores: one BLAS thread pool per rank, each of
+        cores / ranks threads, unless the launch set OPENBLAS_NUM_THREADS or OMP_NUM_THREADS
+        (as torchrun sets OMP_NUM_THREADS=1 for the same reason)."""
+        if os.environ.get("OPENBLAS_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"):
+            return
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // self.comm.local_size)
+        if blas.set_threads(threads):
+            self._notes.append(f"note: {self.comm.local_size} ranks share this machine's {cores} "
+                               f"cores: {threads} BLAS thread(s) each (OPENBLAS_NUM_THREADS sets "
+                               "another count)")
+
+    def _rank_device(self, device):
+        """The device of this rank: on a GPU machine with several ranks, the GPU of its local
+        rank (chosen before any NCCL communicator is made)."""
+        if self.comm.size == 1 or device.type != "cuda":
+            return device
+        if self.config.device not in ("cuda", "auto"):
+            raise ValueError(f"--device {self.config.device} with --distributed would put every "
+                             "rank on one GPU; give --device cuda, and each rank takes the GPU "
+                             "of its local rank")
+        from .backend import cuda_device_count
+        return get_device(f"cuda:{self.comm.local_rank % cuda_device_count()}")
 
     def _restore(self, resumed: dict) -> None:
         path, meta = self.config.resume, resumed["meta"]
@@ -402,8 +453,8 @@ class Trainer:
     # --- the training step: everything between two batches ------------------------------------
 
     def train_epoch(self, progress=None):
-        """One pass over the training split; returns the mean training loss."""
-        order = self.shuffle_rng.permutation(self.n_train)
+        """One pass over the training split; returns the mean training loss (over all ranks)."""
+        order = self.local_order(self.shuffle_rng.permutation(self.n_train))
         meter = LossMeter(get_array_module(self.data.x_train), self.batch_sizes)
         self.model.train()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
@@ -414,31 +465,59 @@ class Trainer:
         self._check_finite(meter)
         if self.initial_loss is None and meter.steps:
             self.initial_loss = float(to_numpy(meter.losses[:1])[0])
-        return meter.mean()
+        if self.comm.size == 1:
+            return meter.mean()
+        total = np.array([meter.mean() * meter.rows(), meter.rows()])
+        self.comm.allreduce_sum_(total)
+        return total[0] / max(total[1], 1)
+
+    def local_order(self, order: np.ndarray) -> np.ndarray:
+        """This rank's rows of the epoch's permutation, step after step: its shard of every
+        global batch (the whole permutation on one rank)."""
+        if self.comm.size == 1:
+            return order
+        starts = np.r_[0, np.cumsum(self.global_batch_sizes)[:-1]]
+        shards = [distributed.shard(int(g), self.comm) for g in self.global_batch_sizes]
+        return np.concatenate([order[s + lo:s + hi] for s, (lo, hi) in zip(starts, shards)])
 
     def _steps(self, order, meter, progress) -> None:
         """The eager loop: a batch gather into fixed buffers, forward, loss, backward, update."""
-        data, bs = self.data, self.config.batch_size
+        data = self.data
         # Momentum SGD on the CPU: backward adds the gradients straight into the momentum buffer
-        # (see SGD.fold_momentum); nothing here reads gradients unless the loss is scaled.
-        folded = (self.loss_scale == 1.0 and isinstance(self.optimizer, optim.SGD)
-                  and self.optimizer.fold_momentum())
+        # (see SGD.fold_momentum); nothing here reads gradients unless the loss is scaled, or
+        # averaged over ranks (an average of buffers would be scaled with them).
+        folded = (self.loss_scale == 1.0 and self.comm.size == 1
+                  and isinstance(self.optimizer, optim.SGD) and self.optimizer.fold_momentum())
         try:
-            for step, start in enumerate(range(0, self.n_train, bs)):
-                idx = order[start:start + bs]
-                x, y = self._x_batch[:len(idx)], self._y_batch[:len(idx)]
+            start = 0
+            for step, rows in enumerate(self.batch_sizes):
+                idx = order[start:start + rows]
+                start += rows
+                x, y = self._x_batch[:rows], self._y_batch[:rows]
                 take_rows(data.x_train, idx, out=x)
                 take_rows(data.y_train, idx, out=y)
 
                 loss = self.forward_backward(x, y)
+                self.average_gradients(rows, self.global_batch_sizes[step])
                 self.optimizer.step()
                 self.scheduler.step()
 
                 meter.add(loss, step)
-                self._tick(progress, meter, len(idx))
+                self._tick(progress, meter, int(self.global_batch_sizes[step]))
         finally:
             if folded:
                 self.optimizer.unfold_momentum()
+
+    def average_gradients(self, rows: int, global_rows: int) -> None:
+        """Make every rank's gradient the gradient of the mean loss over the global batch: one
+        allreduce of the flat gradient buffer. A rank's gradient is of its own mean, so where
+        the shards are unequal (an epoch's last batch) each is weighted by its rows first."""
+        if self.comm.size == 1:
+            return
+        grad = self.optimizer.grad
+        if rows * self.comm.size != global_rows:
+            grad *= rows * self.comm.size / global_rows
+        self.comm.allreduce_mean_(grad)
 
     def forward_backward(self, x, y):
         """Forward, the fused loss and backward for one batch: fills every parameter's gradient
@@ -471,7 +550,12 @@ class Trainer:
                 f"--lr {self.config.lr:g}; {self.checkpoint_note()}")
 
     def evaluate(self, x, y) -> tuple[float, float]:
-        """(mean loss, accuracy) of the model on (x, y), read from the device once."""
+        """(mean loss, accuracy) of the model on (x, y), read from the device once; with several
+        ranks each scores its shard of the rows and the sums are added up."""
+        n = len(y)
+        if self.comm.size > 1:
+            lo, hi = distributed.shard(n, self.comm)
+            x, y = x[lo:hi], y[lo:hi]
         xp = get_array_module(x)
         self.model.eval()
         loss_sum = xp.zeros((), dtype=np.float64)
@@ -482,7 +566,11 @@ class Trainer:
             loss_sum += softmax_cross_entropy(logits, yb, reduction="sum")
             count_correct(logits, yb, out=correct)
         self.model.train()
-        n = max(len(y), 1)
+        if self.comm.size > 1:
+            sums = np.array([float(loss_sum), float(correct)])
+            self.comm.allreduce_sum_(sums)
+            loss_sum, correct = sums
+        n = max(n, 1)
         return float(loss_sum) / n, int(correct) / n
 
     def fit(self) -> dict:
@@ -494,15 +582,19 @@ class Trainer:
             rate += f" (the default for {config.optimizer})"
         if config.nesterov:
             rate += f", nesterov momentum {config.momentum:g}"
+        ranks = "" if self.comm.size == 1 else (
+            f" | {self.comm.size} ranks, batch {config.batch_size} per rank = {self.global_batch}")
         self._say(f"device {self.device.describe()} | model {'-'.join(map(str, self._widths()))} "
                   f"{config.activation} | {rate} | "
-                  f"{self.n_train} train, {len(self.data.y_val)} val images")
+                  f"{self.n_train} train, {len(self.data.y_val)} val images{ranks}")
+        for note in self._notes:
+            self._say(note)
         if self.epoch:
             self._say(f"resumed from {config.resume} after epoch {self.epoch}")
         while self.epoch < config.epochs:
             t0 = time.perf_counter()
             self.in_epoch = True  # for the message of a run interrupted now
-            with self.device.scope(), _progress(self, config.progress) as bar:
+            with self.device.scope(), _progress(self, config.progress and not self.quiet) as bar:
                 train_loss = float(self.train_epoch(bar))
             val_loss, val_acc = self.evaluate(self.data.x_val, self.data.y_val) \
                 if len(self.data.y_val) else (None, None)
@@ -528,7 +620,7 @@ class Trainer:
             "failed": self.failed, "failed_epochs": self.failed_epochs,
             "config": settings,
         }
-        if config.metrics_json:  # before the last line, which a closed stdout would stop
+        if config.metrics_json and self.comm.is_root:  # before the last line, which a closed stdout would stop
             checkpoint.atomic_write(config.metrics_json,
                                     lambda f: f.write(json.dumps(metrics, indent=2).encode()))
         failed = f"; the run looks failed ({self.failed})" if self.failed else ""
@@ -553,9 +645,10 @@ class Trainer:
             self._warn(f"epoch {self.epoch} looks failed: {self.failed}; try a lower learning "
                        f"rate than --lr {self.config.lr:g}{kept}")
         if self.config.save and not keep:
-            self.saving = True  # for the message of a run interrupted now
-            self.save(self.config.save)
-            self.saving = False
+            if self.comm.is_root:  # every rank holds the same model: rank 0 writes it
+                self.saving = True  # for the message of a run interrupted now
+                self.save(self.config.save)
+                self.saving = False
             self.saved = (self.epoch, self.failed is None)
 
     def _failure(self, stats: dict) -> str | None:
@@ -675,6 +768,10 @@ class LossMeter:
     def add(self, loss, step: int) -> None:
         self.losses[step] = loss
         self.steps = step + 1
+
+    def rows(self) -> int:
+        """The rows of the steps taken so far."""
+        return int(self.sizes[:self.steps].sum())
 
     def mean(self) -> float:
         done = to_numpy(self.losses[:self.steps])

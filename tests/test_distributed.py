@@ -153,3 +153,121 @@ def test_nccl_collectives_on_one_gpu_also_under_capture():
     np.testing.assert_array_equal(cp.asnumpy(x), np.full(1000, 4.0, np.float32))
     with pytest.raises(TypeError, match="float32 or float64"):
         nccl.allreduce_mean_(comm, cp.ones(3, cp.int32), 1)
+
+
+# --- data-parallel training on 2 ranks ------------------------------------------------------------
+
+TRAIN = """
+    import json, sys
+    import numpy as np
+    from gpunet import distributed
+    from gpunet.trainer import DeviceData, TrainConfig, Trainer
+
+    def synthetic(n):
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((n, 20)).astype(np.float32)
+        y = x[:, :10].argmax(axis=1).astype(np.int64)
+        return DeviceData(x, y, x[:50], y[:50], x[:77], y[:77])
+
+    def run(n, batch, ranks_comm, **settings):
+        config = TrainConfig(device="cpu", hidden=(16,), batch_size=batch, progress=False,
+                             val_size=0, label_smoothing=0.0, schedule="cosine", **settings)
+        trainer = Trainer(config, synthetic(n), quiet=True, comm=ranks_comm)
+        metrics = trainer.fit()
+        return trainer, metrics
+"""
+
+
+def test_two_ranks_at_batch_b_train_as_one_rank_at_batch_2b(tmp_path):
+    """The same permutation, the same steps: after 20 steps (and an epoch whose last global
+    batch has 1 row, which one rank takes alone) the parameters agree to float32 rounding."""
+    out = tmp_path / "two.npz"
+    run_ranks(TRAIN + f"""
+    comm = distributed.init(True)
+    saved = {{}}
+    for optimizer in ("sgd", "adam"):
+        for n in (640, 641):  # 20 steps of 32; then one more step of a single row
+            trainer, metrics = run(n, 16, comm, optimizer=optimizer, epochs=1, distributed=True)
+            saved[f"{{optimizer}}-{{n}}"] = trainer.optimizer.data
+            saved[f"{{optimizer}}-{{n}}-loss"] = np.array([metrics["history"][0]["train_loss"],
+                                                        metrics["test_loss"], metrics["test_accuracy"]])
+    if comm.rank == 0:
+        np.savez({str(out)!r}, **saved)
+    """)
+    two = np.load(out)
+    ns = {}
+    exec(textwrap.dedent(TRAIN), ns)
+    for optimizer in ("sgd", "adam"):
+        for n in (640, 641):
+            one, metrics = ns["run"](n, 32, distributed.Communicator(), optimizer=optimizer, epochs=1)
+            key = f"{optimizer}-{n}"
+            np.testing.assert_allclose(two[key], one.optimizer.data, rtol=1e-5, atol=2e-6)
+            expected = [metrics["history"][0]["train_loss"], metrics["test_loss"], metrics["test_accuracy"]]
+            np.testing.assert_allclose(two[key + "-loss"], expected, rtol=1e-5)
+
+
+def test_a_resumed_two_rank_run_equals_the_straight_one(tmp_path):
+    straight, part = tmp_path / "straight.npz", tmp_path / "part.npz"
+    run_ranks(TRAIN + f"""
+    comm = distributed.init(True)
+    run(300, 16, comm, epochs=4, save={str(straight)!r}, distributed=True)
+    run(300, 16, comm, epochs=2, schedule_epochs=4, save={str(part)!r}, distributed=True)
+    run(300, 16, comm, epochs=4, schedule_epochs=4, resume={str(part)!r}, save={str(part)!r},
+        distributed=True)
+    """)
+    a, b = np.load(straight), np.load(part)
+    weights = [k for k in a.files if not k.startswith("meta")]
+    assert weights and all(np.array_equal(a[k], b[k]) for k in weights)  # bit for bit
+
+
+def test_only_rank_0_writes_files(tmp_path):
+    run_ranks(TRAIN + f"""
+    from gpunet import checkpoint
+    comm = distributed.init(True)
+    log = open({str(tmp_path)!r} + f"/writes-{{comm.rank}}.txt", "w")
+    real = checkpoint.atomic_write
+    def recording(path, write):
+        log.write(str(path) + "\\n"); log.flush()
+        return real(path, write)
+    checkpoint.atomic_write = recording
+    run(200, 16, comm, epochs=2, save={str(tmp_path / "c.npz")!r},
+        metrics_json={str(tmp_path / "m.json")!r}, distributed=True)
+    """)
+    assert (tmp_path / "c.npz").exists() and (tmp_path / "m.json").exists()
+    assert (tmp_path / "writes-1.txt").read_text() == ""
+    assert (tmp_path / "writes-0.txt").read_text().count("\n") >= 3  # 2 checkpoints + metrics
+
+
+def run_train_py(args, n=2, timeout=120, env_per_rank=None):
+    """train.py on n ranks (MPMD when ranks need different environments); returns the process."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    command = [mpiexec()]
+    for rank in range(n):
+        if rank:
+            command.append(":")
+        command += ["-n", "1"]
+        for key, value in (env_per_rank or {}).get(rank, {}).items():
+            command += ["-env", key, value]
+        command += [sys.executable, "-m", "mpi4py", "train.py", "--distributed", *args(rank)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_a_mismatched_launch_is_refused_at_start():
+    proc = run_train_py(lambda rank: ["--lr", "0.1" if rank == 0 else "0.2", "--epochs", "1"])
+    assert proc.returncode != 0
+    assert ("train.py: error: rank 1: rank 1 was launched with other flags than rank 0 (lr: 0.2 "
+            "here, 0.1 on rank 0); give every rank the same flags") in proc.stderr
+
+
+def test_an_error_on_rank_1_ends_both_ranks(tmp_path, mnist_dir):
+    """Rank 1 cannot find its data while rank 0 goes on: rank 1 says so in one line and the
+    launch ends, within seconds, instead of rank 0 waiting in an allreduce for ever."""
+    import time
+    started = time.perf_counter()
+    proc = run_train_py(lambda rank: ["--epochs", "1", "--no-progress"], timeout=60,
+                        env_per_rank={0: {"GPUNET_DATA": str(mnist_dir)},
+                                      1: {"GPUNET_DATA": str(tmp_path / "missing")}})
+    assert proc.returncode != 0 and time.perf_counter() - started < 60
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and errors[0].startswith("train.py: error: rank 1: ")
+    assert "missing" in errors[0]
