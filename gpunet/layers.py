@@ -16,23 +16,82 @@ import math
 import numpy as np
 
 from . import functional as F
-from .backend import add_into, default_rng, device_of, get_array_module, matmul, to_device
+from .backend import (add_into, default_rng, device_of, get_array_module, is_cuda_array, is_integer,
+                      is_real, matmul, to_device)
 
 
 class Parameter:
     """A trainable array and its gradient, always of the same shape, dtype and device.
 
-    Code that updates a parameter writes into ``.data`` in place: optimizers may lay all
-    parameters out in one flat buffer, with ``.data`` and ``.grad`` as views into it.
+    Once an optimizer is built over it, ``.data`` and ``.grad`` are views of the optimizer's flat
+    buffers (see ``optim.FlatParameters``), and assigning to them copies into those views, so the
+    PyTorch habits ``p.grad = p.grad * 0.25`` (clipping) or ``p.data = w`` reach the optimizer.
+    An assigned array must have the parameter's shape, dtype and device (ValueError/TypeError
+    otherwise: the buffer cannot change them). Before any optimizer, ``p.data = w`` rebinds, as
+    in PyTorch, and a differently shaped ``w`` gets a new zero gradient.
+
+    ``p.grad = None`` (PyTorch's set_to_none) zeroes the gradient in its buffer and makes
+    ``.grad`` read None until the next backward writes it. gpunet's backward overwrites (or,
+    with ``grad_decay``, adds into a zero), so that is the same gradient as PyTorch's; what a
+    flat buffer cannot do is PyTorch's skipping of a parameter without a gradient in
+    ``step()``, so a step then raises, naming the parameter.
+
     ``grad_decay`` (default 0: overwrite) is how much of the old ``.grad`` backward keeps.
+    ``name`` is the parameter's name in the model it was last listed from (for messages).
     """
 
-    __slots__ = ("data", "grad", "_grad_decay")
+    __slots__ = ("_data", "_grad", "_grad_decay", "_grad_none", "_flat", "name")
 
     def __init__(self, data):
-        self.data = data
-        self.grad = get_array_module(data).zeros_like(data)
+        self._data = data
+        self._grad = get_array_module(data).zeros_like(data)
         self._grad_decay = 0.0
+        self._grad_none = False
+        self._flat = None  # the optimizer buffers that .data and .grad are views of, if any
+        self.name = None
+
+    @property
+    def data(self):
+        return self._data
+
+    @data.setter
+    def data(self, value) -> None:
+        if self._flat is None and _is_array(value):  # rebinding, as in PyTorch
+            if not F.is_float_dtype(value.dtype):
+                raise TypeError(f"{self._label()}.data must be a floating-point array, got dtype "
+                                f"{value.dtype}")
+            if not _alike(value, self._grad):
+                self._grad, self._grad_none = get_array_module(value).zeros_like(value), False
+            self._data = value
+            return
+        self._check_alike(value, "data")
+        if value is not self._data:
+            self._data[...] = value
+
+    @property
+    def grad(self):
+        """The gradient backward wrote, or None after ``grad = None`` until the next backward."""
+        return None if self._grad_none else self._grad
+
+    @grad.setter
+    def grad(self, value) -> None:
+        if value is None:
+            self._grad.fill(0)
+            self._grad_none = True
+            if self._flat is not None:
+                self._flat.check = True  # the next step() looks for parameters without one
+            return
+        self._check_alike(value, "grad")
+        if value is not self._grad:
+            self._grad[...] = value
+        self._grad_none = False
+
+    def grad_buffer(self):
+        """The array backward writes this parameter's gradient into (its view of the
+        optimizer's buffer), which makes ``.grad`` present again after ``grad = None``: the
+        call for a layer's backward, where ``.grad`` may read None."""
+        self._grad_none = False
+        return self._grad
 
     @property
     def grad_decay(self) -> float:
@@ -40,21 +99,60 @@ class Parameter:
 
     @grad_decay.setter
     def grad_decay(self, value) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(value):
+        if not is_real(value) or not math.isfinite(value):
             raise ValueError(f"grad_decay must be a finite number, got {value!r}")
         self._grad_decay = float(value)
 
     @property
     def shape(self):
-        return self.data.shape
+        return self._data.shape
 
     @property
     def dtype(self):
-        return self.data.dtype
+        return self._data.dtype
+
+    def _move(self, device, dtype) -> None:
+        """Module.to's part: new arrays on ``device`` and/or in ``dtype``, with a zero gradient.
+        A parameter leaves its optimizer's buffers, which follow it at the optimizer's next
+        step (see ``Optimizer.step``)."""
+        data = self._data if device is None else to_device(self._data, device)
+        data = data if dtype is None else data.astype(dtype, copy=False)
+        if data is self._data:
+            return
+        if self._flat is not None:
+            self._flat.moved = True
+            self._flat = None
+        self._data, self._grad = data, get_array_module(data).zeros_like(data)
+        self._grad_none = False
+
+    def _check_alike(self, value, what: str) -> None:
+        if not _is_array(value):
+            raise TypeError(f"{self._label()}.{what} must be an array of shape {self.shape} and "
+                            f"dtype {self.dtype}{'' if what == 'data' else ' or None'}, got "
+                            f"{type(value).__name__}")
+        if device_of(value) != device_of(self._data):
+            raise TypeError(f"{self._label()}.{what} must be on {device_of(self._data)}, got an "
+                            f"array on {device_of(value)}")
+        if tuple(value.shape) != self.shape:
+            raise ValueError(f"{self._label()}.{what} must have shape {self.shape}, got "
+                             f"{tuple(value.shape)}")
+        if value.dtype != self.dtype:
+            raise TypeError(f"{self._label()}.{what} must have dtype {self.dtype}, got "
+                            f"{value.dtype}")
+
+    def _label(self) -> str:
+        return f"parameter {self.name!r}" if self.name else repr(self)
 
     def __repr__(self) -> str:
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype}, device={device_of(self.data)})"
+        return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={device_of(self._data)})"
+
+
+def _is_array(value) -> bool:
+    return isinstance(value, np.ndarray) or is_cuda_array(value)
+
+
+def _alike(a, b) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and device_of(a) == device_of(b)
 
 
 class Module:
@@ -80,19 +178,28 @@ class Module:
         return [(name, m) for name, m in vars(self).items() if isinstance(m, Module)]
 
     def named_parameters(self, prefix: str = ""):
-        """(name, Parameter) pairs in a stable order, e.g. ``("0.weight", p)``."""
+        """(name, Parameter) pairs in a stable order, e.g. ``("0.weight", p)``. Each parameter
+        keeps its longest name, for messages (``model[0].parameters()`` keeps "0.weight")."""
         for name, value in vars(self).items():
             if isinstance(value, Parameter):
-                yield prefix + name, value
+                full = prefix + name
+                if value.name is None or full.endswith("." + value.name):
+                    value.name = full
+                yield full, value
         for name, child in self.children():
             yield from child.named_parameters(f"{prefix}{name}.")
 
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every parameter's gradient in place; with ``set_to_none`` their ``.grad`` also
+        reads None until the next backward (see :class:`Parameter`)."""
         for p in self.parameters():
-            p.grad[...] = 0
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad_buffer().fill(0)
 
     def train(self, mode: bool = True):
         """Training mode (the default): forward keeps what backward needs."""
@@ -125,11 +232,10 @@ class Module:
             p.data[...] = to_device(state[name], device_of(p.data)).astype(p.data.dtype, copy=False)
 
     def to(self, device=None, dtype=None):
-        """Move (and/or cast) every parameter; returns self. Build optimizers after this call."""
+        """Move (and/or cast) every parameter; returns self. Each parameter that changes gets a
+        zero gradient; an optimizer built before follows its parameters at its next step."""
         for p in self.parameters():
-            data = p.data if device is None else to_device(p.data, device)
-            p.data = data if dtype is None else data.astype(dtype)
-            p.grad = get_array_module(p.data).zeros_like(p.data)
+            p._move(device, dtype)
         self._forget()
         return self
 
@@ -175,7 +281,7 @@ class Dense(Module):
                  activation: str | None = None, init: str = "he", dtype=np.float32,
                  compute_dtype=None, rng: np.random.Generator | None = None):
         for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            if not is_integer(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if init not in ("he", "xavier"):
             raise ValueError(f"init must be 'he' or 'xavier', got {init!r}")
@@ -224,19 +330,20 @@ class Dense(Module):
             raise ValueError(f"{self!r}.backward expects dy of shape {(x.shape[0], self.out_features)},"
                              f" got {dy.shape}")
         mixed = self.compute_dtype is not None and self.compute_dtype != self.weight.dtype
-        bias_grad = self.bias.grad if self.bias is not None and not mixed else None
+        w_grad = self.weight.grad_buffer()
+        b_grad = None if self.bias is None else self.bias.grad_buffer()
         bias_beta = 0.0 if self.bias is None else self.bias.grad_decay
         if self.activation == "relu":
-            dy = F.relu_backward(dy, self._saved("y"), bias_grad=bias_grad, beta=bias_beta)
-        elif bias_grad is not None:
-            F.column_sums(dy, bias_grad, beta=bias_beta)
+            dy = F.relu_backward(dy, self._saved("y"), bias_grad=None if mixed else b_grad,
+                                 beta=bias_beta)
+        elif b_grad is not None and not mixed:
+            F.column_sums(dy, b_grad, beta=bias_beta)
         if mixed:  # float32 gradients from half-precision products
-            add_into(self.weight.grad, matmul(x.T, dy), self.weight.grad_decay)
-            if self.bias is not None:
-                add_into(self.bias.grad, dy.sum(axis=0, dtype=self.bias.grad.dtype),
-                         self.bias.grad_decay)
+            add_into(w_grad, matmul(x.T, dy), self.weight.grad_decay)
+            if b_grad is not None:
+                add_into(b_grad, dy.sum(axis=0, dtype=b_grad.dtype), bias_beta)
         else:
-            matmul(x.T, dy, out=self.weight.grad, beta=self.weight.grad_decay)
+            matmul(x.T, dy, out=w_grad, beta=self.weight.grad_decay)
         return matmul(dy, w.T) if input_grad else None
 
     def __repr__(self) -> str:
