@@ -17,12 +17,10 @@ cross-entropy collapses further: d(mean CE)/dx = (s - onehot(t)) / N, which
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
 from . import cpu_kernels
-from .backend import add_into, get_array_module, is_cuda_array, matmul
+from .backend import add_into, get_array_module, is_cuda_array, is_integer, is_real, matmul
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -507,10 +505,9 @@ def check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothi
         raise ValueError("logits must have at least one class, got shape (N, 0)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-            or not 0.0 <= label_smoothing < 1.0:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if weight is not None:
         if not hasattr(weight, "dtype") or not is_float_dtype(weight.dtype):

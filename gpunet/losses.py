@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import functional as F
-from .backend import get_array_module
+from .backend import get_array_module, is_real
 
 
 class Loss:
@@ -34,8 +34,7 @@ class SoftmaxCrossEntropy(Loss):
         # Checked here too, so a bad keyword fails when the loss is built, not at the first batch.
         if reduction not in F.REDUCTIONS:
             raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-                or not 0.0 <= label_smoothing < 1.0:
+        if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
         self.weight, self.ignore_index = weight, ignore_index
         self.label_smoothing, self.reduction = float(label_smoothing), reduction

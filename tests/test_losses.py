@@ -96,3 +96,20 @@ def test_loss_checks_labels_in_every_mode(rng):
     for reduction in F.REDUCTIONS:
         with pytest.raises(ValueError, match="target has label 3 at index 0"):
             Lo.SoftmaxCrossEntropy(reduction=reduction).forward_backward(x, np.array([3, 0]))
+
+
+def test_numpy_scalars_are_accepted_and_give_the_same_loss(rng):
+    """label_smoothing=np.float32(0.1) is 0.1 (as float32), ignore_index=np.int64(-1) is -1."""
+    x, t = rng.standard_normal((6, 4)), np.array([0, 3, -1, 2, 1, 1])
+    smoothing = np.float32(0.1)
+    expected = Lo.SoftmaxCrossEntropy(label_smoothing=float(smoothing), ignore_index=-1)(x, t)
+    for loss in (Lo.SoftmaxCrossEntropy(label_smoothing=smoothing, ignore_index=np.int64(-1)),
+                 Lo.SoftmaxCrossEntropy(label_smoothing=np.float64(smoothing), ignore_index=-1)):
+        assert float(loss(x, t)) == float(expected)
+    assert float(F.softmax_cross_entropy(x, t, label_smoothing=smoothing,
+                                         ignore_index=np.int64(-1))) == float(expected)
+    for bad in (True, np.bool_(False), "0.1"):
+        with pytest.raises(ValueError, match=f"label_smoothing must be a float in .0, 1., got {bad!r}"):
+            Lo.SoftmaxCrossEntropy(label_smoothing=bad)
+    with pytest.raises(TypeError, match="ignore_index must be an int, got True"):
+        F.softmax_cross_entropy(x, t, ignore_index=True)

@@ -465,6 +465,32 @@ def test_bad_arguments(kwargs, message):
         optim.SGD(L.mlp([2, 2]).parameters(), **kwargs)
 
 
+def test_numpy_scalars_are_accepted_everywhere(rng):
+    """Numbers that come out of NumPy (np.float32, np.int64) are numbers; bool still is not."""
+    model = L.mlp([np.int64(3), np.int64(2)], rng=rng)
+    opt = optim.SGD(model.parameters(), lr=np.float32(0.5), momentum=np.float32(0.9),
+                    weight_decay=np.float64(0.0))
+    assert (opt.lr, opt.momentum) == (0.5, float(np.float32(0.9)))
+    adam = optim.Adam(L.mlp([3, 2]).parameters(), lr=np.float32(0.001),
+                      betas=(np.float32(0.5), np.float64(0.9)), eps=np.float32(1e-6))
+    assert adam.betas == (0.5, 0.9)
+    step = optim.StepLR(opt, step_size=np.int64(5), gamma=np.float32(0.5), warmup_steps=np.int64(3))
+    assert type(step.step_size) is int and type(step.warmup_steps) is int
+    lrs = [step.get_last_lr()] + [(step.step(), step.get_last_lr())[1] for _ in range(9)]
+    # warm-up 1/3, 2/3, 1 of 0.5; then 0.5 for steps 3..7 and 0.25 from step 8 (5 after warm-up)
+    np.testing.assert_allclose(lrs, [0.5 / 3, 1 / 3, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.25, 0.25])
+    cosine = optim.CosineAnnealingLR(opt, T_max=np.int64(4), eta_min=np.float32(0.0))
+    assert cosine.T_max == 4
+    model[0].weight.grad_decay = np.float32(0.5)
+    assert model[0].weight.grad_decay == 0.5
+    for make_it in (lambda: optim.StepLR(opt, step_size=True),
+                    lambda: optim.StepLR(opt, step_size=np.float64(5)),
+                    lambda: optim.ConstantLR(opt, warmup_steps=np.bool_(True)),
+                    lambda: optim.SGD(model.parameters(), lr=True)):
+        with pytest.raises(ValueError, match="must be"):
+            make_it()
+
+
 def test_bad_parameter_lists():
     with pytest.raises(ValueError, match="empty parameter list"):
         optim.SGD([], lr=0.1)
