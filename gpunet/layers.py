@@ -381,11 +381,15 @@ class ReLU(Module):
 
 
 class Sigmoid(Module):
-    """1 / (1 + exp(-x)), computed as (1 + tanh(x/2)) / 2, which never overflows."""
+    """1 / (1 + exp(-x)), computed from e = exp(-|x|) as 1 / (1 + e) for x >= 0 and e / (1 + e)
+    for x < 0: exp never overflows, and small outputs keep their relative accuracy (the form
+    (1 + tanh(x/2)) / 2 loses it below x = -10 in float32, and gives 0 at -20)."""
 
     def forward(self, x):
         xp = get_array_module(x)
-        y = 0.5 * (1 + xp.tanh(0.5 * x))
+        e = xp.exp(-xp.abs(x))
+        y = 1 / (1 + e)
+        y = xp.where(x >= 0, y, e * y)
         self._save(y=y)
         return y
 

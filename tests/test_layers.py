@@ -195,3 +195,15 @@ def test_to_dtype_and_device(device, rng):
 def test_sequential_rejects_non_modules():
     with pytest.raises(TypeError, match="got function at position 1"):
         L.Sequential(L.ReLU(), lambda x: x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-7), (np.float64, 1e-15)])
+def test_sigmoid_keeps_relative_accuracy_far_below_zero(device, on, dtype, tol):
+    """sigmoid(-10) = 4.5398e-5 (the tanh form gave 4.5389e-5 in float32) and sigmoid(-20) =
+    2.06e-9 (it gave 0): every output within a rounding or two of the float64 value."""
+    x = np.r_[-10.0, -20.0, np.linspace(-80, 80, 161), -700.0 if dtype == np.float64 else -87.0]
+    expected = 1 / (1 + np.exp(-x))
+    y = to_numpy(L.Sigmoid()(on(x.astype(dtype)))).astype(np.float64)
+    np.testing.assert_allclose(y, expected, rtol=2 * tol, atol=0)
+    special = to_numpy(L.Sigmoid()(on(np.array([np.nan, np.inf, -np.inf], dtype))))
+    assert np.isnan(special[0]) and special[1:].tolist() == [1, 0]
