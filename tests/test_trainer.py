@@ -207,3 +207,15 @@ def test_evaluate_counts_on_the_device(small_mnist):
     logits = trainer.model.eval()(small_mnist.x_test)
     assert accuracy == float((logits.argmax(axis=1) == small_mnist.y_test).mean())
     assert loss > 0
+
+
+def test_the_step_keeps_its_batch_buffer_without_a_copy(rng):
+    """The trainer opts out of Dense's input copy (copy_input=False) for its fixed batch
+    buffer, rewritten only by the next step's gather, after this step's backward."""
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 300)
+    data = DeviceData(x, y, x[:10], y[:10], x[:10], y[:10])
+    trainer = Trainer(quick(hidden=(8,), epochs=1, batch_size=64, val_size=0), data, quiet=True)
+    trainer.train_epoch()
+    kept = trainer.model[0]._saved("x")
+    assert np.shares_memory(kept, trainer._x_batch) and kept.shape == (300 - 4 * 64, 12)
