@@ -37,7 +37,7 @@ class Parameter:
     ``step()``, so a step then raises, naming the parameter.
 
     ``grad_decay`` (default 0: overwrite) is how much of the old ``.grad`` backward keeps.
-    ``name`` is the parameter's name in the model it was last listed from (for messages).
+    ``name`` is the longest name a module listed it under (``"0.weight"``), for messages.
     """
 
     __slots__ = ("_data", "_grad", "_grad_decay", "_grad_none", "_flat", "name")
