@@ -143,6 +143,16 @@ class Parameter:
     def _label(self) -> str:
         return f"parameter {self.name!r}" if self.name else repr(self)
 
+    def __getstate__(self):
+        # A copy (copy.deepcopy(model), pickle) is a parameter of its own: its arrays are no
+        # views of the optimizer's buffers, so it must not point at them.
+        return {name: getattr(self, name) for name in self.__slots__ if name != "_flat"}
+
+    def __setstate__(self, state) -> None:
+        self._flat = None
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def __repr__(self) -> str:
         return f"Parameter(shape={self.shape}, dtype={self.dtype}, device={device_of(self._data)})"
 

@@ -47,8 +47,8 @@ class FlatParameters:
         """The buffers of exactly these parameters, in this order, if they are laid out so
         already (a second optimizer over ``model.parameters()`` shares them), else new ones."""
         flat = params[0]._flat
-        if flat is None or flat.moved or flat.taken_by or flat.folded \
-                or flat.params != tuple(params):
+        if flat is None or not flat.usable or flat.folded or flat.params != tuple(params) \
+                or not all(p._data.base is flat.data and p._grad.base is flat.grad for p in params):
             flat = cls(params, by)
         flat.users += 1
         return flat

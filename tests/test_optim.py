@@ -408,6 +408,27 @@ def test_two_optimizers_over_the_same_parameters_share_them(rng):
     np.testing.assert_allclose(adam.data, expected, rtol=1e-12)
 
 
+def test_a_deep_copy_of_the_model_trains_on_its_own(rng):
+    """copy.deepcopy(model) (an EMA or best-so-far snapshot) after the optimizer: the copy's
+    parameters are arrays of their own, and an optimizer built over them updates them."""
+    import copy
+
+    model = L.mlp([4, 3], dtype=np.float64, rng=rng)
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    snapshot = copy.deepcopy(model)
+    snap_opt = optim.SGD(snapshot.parameters(), lr=0.5)
+    assert not np.shares_memory(snap_opt.data, opt.data)
+    for p in snapshot.parameters():
+        assert np.shares_memory(p.data, snap_opt.data) and np.shares_memory(p.grad, snap_opt.grad)
+    before, original = snap_opt.data.copy(), opt.data.copy()
+    for p in snapshot.parameters():
+        p.grad = np.ones(p.shape)
+    snap_opt.step()
+    np.testing.assert_allclose(snap_opt.data, before - 0.5, rtol=1e-15)
+    np.testing.assert_array_equal(opt.data, original)  # the model itself is untouched
+    opt.step()  # and its optimizer still works
+
+
 def test_an_overlapping_second_optimizer_makes_the_first_fail_naming_it(rng):
     model = L.mlp([4, 5, 3], rng=rng)
     first = optim.SGD(model.parameters(), lr=0.1)
