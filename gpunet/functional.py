@@ -190,7 +190,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index: int = -1
     sum to 1. Returns a 0-d array for "mean" and "sum", an (N,) array for "none".
     """
     plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
-    return plan.loss(plan.lse())
+    return plan.loss(plan.lse_parts())
 
 
 def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int = -100,
@@ -202,7 +202,7 @@ def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int
     "sum", an (N,) array for "none". On cupy arrays one fused ElementwiseKernel computes it.
     """
     plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
-    return plan.grad(plan.lse(), grad_output)
+    return plan.grad(plan.lse_parts(), grad_output)
 
 
 def softmax_cross_entropy_with_grad(logits, target, *, weight=None, ignore_index: int = -100,
@@ -238,11 +238,16 @@ class _CrossEntropyPlan:
         self.acc = accumulation_dtype(logits.dtype)
         self._rows = None
 
-    def lse(self):
+    def lse_parts(self):
         """Each row's log-sum-exp as a :class:`LogSumExp`, in the accumulation dtype: all that
         backward needs to keep."""
         m, log_sum = _max_and_log_sum(self.xp, self.logits.astype(self.acc, copy=False), 1)
         return LogSumExp(m[:, 0], log_sum[:, 0])
+
+    def lse(self):
+        """Each row's log-sum-exp whole, m + log_sum, as the CUDA kernel cross_entropy_grad
+        takes it (until it takes the two parts, to form exp((x - m) - log_sum))."""
+        return self.lse_parts().whole()
 
     def rows(self):
         """Per-row (t_safe, coef, A, valid, 1/denominator) for class-index targets, computed once.
@@ -342,7 +347,7 @@ class _CrossEntropyPlan:
         if is_cuda_array(x):
             from . import cuda_kernels
             # The kernel takes the log-sum-exp whole: exp(x - lse), not yet max first.
-            return cuda_kernels.cross_entropy_grad(x, lse.m + lse.log_sum, *args)
+            return cuda_kernels.cross_entropy_grad(x, lse.whole(), *args)
         return cross_entropy_grad_reference(x, lse, *args)
 
     def _kernel_arguments(self, scale):
@@ -360,7 +365,7 @@ class _CrossEntropyPlan:
         if cpu_kernels.cross_entropy_fits(self, grad_output):
             return cpu_kernels.cross_entropy_loss_and_grad(self, grad_output)
         if self.probability_target:
-            lse = self.lse()
+            lse = self.lse_parts()
             return self.loss(lse), self.grad(lse, grad_output)
         # One errstate for the whole pass (each costs 1.6 us): over as in softmax and in loss;
         # divide and invalid only for an all -inf row (log(0) = -inf, 0/0), whose answer is NaN.
@@ -388,6 +393,10 @@ class LogSumExp(NamedTuple):
 
     m: object
     log_sum: object
+
+    def whole(self):
+        """m + log_sum: the log-sum-exp itself."""
+        return self.m + self.log_sum
 
     def probabilities(self, x):
         """p = exp((x - m) - log_sum), in the dtype of the parts."""

@@ -46,13 +46,13 @@ class SoftmaxCrossEntropy(Loss):
 
     def forward(self, logits, target):
         self._plan = self._make_plan(logits, target)
-        self._lse = self._plan.lse()
+        self._lse = self._plan.lse_parts()
         return self._plan.loss(self._lse)
 
     def backward(self, grad_output=1.0):
         plan = self._saved()
         if self._lse is None:  # after forward_backward, which keeps no log-sum-exp
-            self._lse = plan.lse()
+            self._lse = plan.lse_parts()
         return plan.grad(self._lse, grad_output)
 
     def forward_backward(self, logits, target, *, grad_output=1.0, validate: bool = True):
