@@ -201,14 +201,6 @@ def test_folded_momentum_trains_like_the_two_pass_update(small_mnist, monkeypatc
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_evaluate_counts_on_the_device(small_mnist):
-    trainer = Trainer(quick(epochs=0), small_mnist, quiet=True)
-    loss, accuracy = trainer.evaluate(small_mnist.x_test, small_mnist.y_test)
-    logits = trainer.model.eval()(small_mnist.x_test)
-    assert accuracy == float((logits.argmax(axis=1) == small_mnist.y_test).mean())
-    assert loss > 0
-
-
 def test_the_step_keeps_its_batch_buffer_without_a_copy(rng):
     """The trainer opts out of Dense's input copy (copy_input=False) for its fixed batch
     buffer, rewritten only by the next step's gather, after this step's backward."""
@@ -219,3 +211,12 @@ def test_the_step_keeps_its_batch_buffer_without_a_copy(rng):
     trainer.train_epoch()
     kept = trainer.model[0]._saved("x")
     assert np.shares_memory(kept, trainer._x_batch) and kept.shape == (300 - 4 * 64, 12)
+
+
+def test_evaluate_counts_on_the_device(small_mnist):
+    trainer = Trainer(quick(epochs=0), small_mnist, quiet=True)
+    loss, accuracy = trainer.evaluate(small_mnist.x_test, small_mnist.y_test)
+    logits = trainer.model.eval()(small_mnist.x_test)
+    assert accuracy == float((logits.argmax(axis=1) == small_mnist.y_test).mean())
+    assert loss > 0
+
