@@ -1,6 +1,6 @@
 """The backend shim: NumPy or CuPy, chosen by device name.
 
-This module and ``cuda_kernels.py`` are the only ones that import cupy, and they do it only when a
+This module and ``kernels/cuda.py`` are the only ones that import cupy, and they do it only when a
 CUDA device is asked for, so ``import gpunet`` works on a machine with no CUDA at all. Every other
 module writes its formula once and asks ``xp = get_array_module(x)`` which library to run it on.
 """
@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import cpu_kernels
 
 _CUDA_INSTALL_HINT = (
-    'install CuPy for your CUDA driver: pip install -e ".[cuda12]" (CUDA 12.x) '
-    'or pip install -e ".[cuda13]" (CUDA 13.x)'
+    'install CuPy for your CUDA driver: pip install -e ".[cuda13]" (a CUDA 13 driver, R580 or '
+    'newer) or pip install -e ".[cuda12]" (CUDA 12)'
 )
 
 
@@ -86,7 +85,8 @@ def get_device(spec: str | Device = "cpu") -> Device:
         problem = cuda_problem()
         if problem is None:
             return Device("cuda", 0, reason="auto: a usable GPU was found")
-        return Device("cpu", reason=f"auto: no usable GPU ({problem})")
+        # Brief: the whole diagnosis, with what to install, is what --device cuda prints.
+        return Device("cpu", reason=f"auto: no usable GPU ({problem.split(';')[0]})")
     if name == "cuda" or name.startswith("cuda:"):
         index_text = name.partition(":")[2] or "0"
         if not index_text.isdigit():
@@ -106,9 +106,10 @@ _cuda_problem_cache: list[str | None] = []
 
 
 def cuda_problem() -> str | None:
-    """Why CUDA is unusable here (CuPy, GPU, driver or NVRTC), or None when it works.
+    """Why CUDA is unusable here (CuPy, driver, GPU, or a CUDA library), or None when it works.
 
-    Checked once per process; the answer is the message a user needs, not a traceback.
+    Checked once per process. The answer is the message a user needs, not a traceback: what is
+    wrong, then after a semicolon what to do about it.
     """
     if not _cuda_problem_cache:
         _cuda_problem_cache.append(_diagnose_cuda())
@@ -124,30 +125,63 @@ def _diagnose_cuda() -> str | None:
         return f"CuPy failed to import ({type(exc).__name__}: {exc}); reinstall it: {_CUDA_INSTALL_HINT}"
     runtime = cupy.cuda.runtime
     try:
+        driver, built_for = runtime.driverGetVersion(), runtime.runtimeGetVersion()
+    except Exception as exc:
+        return f"cannot read the CUDA driver version ({exc}); check the driver with nvidia-smi"
+    if driver == 0:  # what the runtime reports when it finds no libcuda at all
+        return "no NVIDIA driver was found (libcuda.so.1); install one and check it with nvidia-smi"
+    # CUDA's minor-version compatibility: a runtime of CUDA 13.x runs on any CUDA 13 driver, so
+    # CuPy built against 13.2 works on a 13.0 driver (580). Only the major version must match.
+    if driver // 1000 < built_for // 1000:
+        supported = f"the NVIDIA driver supports CUDA {_cuda_version(driver)}"
+        if driver // 1000 not in (12, 13):
+            return f"{supported}, older than gpunet supports; update it to a CUDA 12 or 13 driver"
+        return (f"{supported}, but this CuPy is built for CUDA {_cuda_version(built_for)}; install "
+                f'the CuPy for your driver: pip install -e ".[cuda{driver // 1000}]", or update '
+                "the driver")
+    try:
         count = runtime.getDeviceCount()
     except Exception as exc:
         text = str(exc)
-        if "InsufficientDriver" in text or "insufficient" in text.lower():
-            return (f"the NVIDIA driver is too old for this CuPy build ({text}); update the driver, "
-                    "or install the CuPy matching it (cupy-cuda12x for CUDA 12 drivers)")
         if "NoDevice" in text or "no CUDA-capable device" in text:
             return "no CUDA GPU is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES"
         return f"the CUDA runtime failed ({text}); check the driver with nvidia-smi"
     if count == 0:
         return "no CUDA GPU is visible; check nvidia-smi and CUDA_VISIBLE_DEVICES"
-    try:
-        driver, built_for = runtime.driverGetVersion(), runtime.runtimeGetVersion()
-    except Exception as exc:
-        return f"cannot read the CUDA driver version ({exc}); check the driver with nvidia-smi"
-    if driver < built_for:
-        return (f"the NVIDIA driver supports CUDA {_cuda_version(driver)} but CuPy was built for "
-                f"CUDA {_cuda_version(built_for)}; update the driver or install the matching CuPy")
+    missing = missing_cuda_libraries()
+    if missing:
+        major = built_for // 1000
+        return (f"CuPy cannot find {' and '.join(missing)}, which a GPU run needs; pip install -e "
+                f'".[cuda{major}]" brings them (CuPy\'s ctk extra), or point CUDA_PATH at a CUDA '
+                f"{major} toolkit that has them")
+    return None
+
+
+def missing_cuda_libraries() -> list[str]:
+    """The parts of the CUDA toolkit that CuPy cannot find here, of the four gpunet needs:
+    NVRTC (every kernel is compiled at run time), cuBLAS (the matrix products), cuRAND
+    (``manual_seed`` seeds CuPy's generator) and the CUDA headers (CuPy's own kernels include
+    them). Found the way CuPy 14 finds them, through ``cuda.pathfinder``."""
+    import cupy
+    from cuda import pathfinder
+
+    missing = []
     try:
         cupy.cuda.nvrtc.getVersion()
-    except Exception as exc:
-        return (f"NVRTC, the CUDA runtime compiler CuPy needs for its kernels, was not found ({exc}); "
-                "install the CUDA toolkit's nvrtc or pip install \"cupy-cuda12x[ctk]\"")
-    return None
+    except Exception:
+        missing.append("NVRTC (the CUDA runtime compiler)")
+    for name, what in (("cublas", "cuBLAS"), ("curand", "cuRAND")):
+        try:
+            pathfinder.load_nvidia_dynamic_lib(name)
+        except Exception:
+            missing.append(what)
+    try:
+        headers = pathfinder.find_nvidia_header_directory("cudart")
+    except Exception:
+        headers = None
+    if headers is None:
+        missing.append("the CUDA headers")
+    return missing
 
 
 def _cuda_version(code: int) -> str:
@@ -226,24 +260,6 @@ def resolve_dtype(name):
         raise ValueError("dtype bfloat16 needs the ml_dtypes package (pip install ml_dtypes), "
                          "and on a GPU CuPy 14 or later") from None
     return np.dtype(ml_dtypes.bfloat16)
-
-
-def matmul(a, b, out=None, beta: float = 0.0):
-    """a @ b, or with ``beta`` (which needs ``out``) out = a @ b + beta * out: a gradient added
-    into a buffer (``Parameter.grad_decay``), in one BLAS call on the CPU.
-
-    On a GPU it goes through gpunet's cuBLAS call while a CUDA graph is being captured (CuPy's
-    own matmul refuses to be captured; see cuda_kernels.matmul)."""
-    if beta:
-        if out is None:
-            raise ValueError("matmul with beta needs out, the array it adds into")
-        if cpu_kernels.gemm(a, b, beta, out):
-            return out
-        return add_into(out, matmul(a, b), beta)  # elsewhere (a GPU, no kernels): one more pass
-    if type(a) is np.ndarray or not is_cuda_array(a):
-        return np.matmul(a, b, out=out)
-    from . import cuda_kernels
-    return cuda_kernels.matmul(a, b, out=out)
 
 
 def add_into(out, value, beta: float):

@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import cpu_kernels
-from .backend import add_into, get_array_module, is_cuda_array, is_integer, is_real, matmul
+from .kernels import cpu as cpu_kernels
+from .backend import add_into, get_array_module, is_cuda_array, is_integer, is_real
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -345,8 +345,8 @@ class _CrossEntropyPlan:
             return dx.astype(x.dtype, copy=False)
         args = self._kernel_arguments(scale)
         if is_cuda_array(x):
-            from . import cuda_kernels
-            # The kernel takes the log-sum-exp whole: exp(x - lse), not yet max first.
+            from .kernels import cuda as cuda_kernels
+            # This kernel takes the log-sum-exp whole: exp(x - lse), not yet max first.
             return cuda_kernels.cross_entropy_grad(x, lse.whole(), *args)
         return cross_entropy_grad_reference(x, lse, *args)
 
@@ -360,7 +360,7 @@ class _CrossEntropyPlan:
         """(loss, gradient) computing exp(x - max) once for both."""
         xp, x = self.xp, self.logits
         if not self.probability_target and is_cuda_array(x):
-            from . import cuda_kernels
+            from .kernels import cuda as cuda_kernels
             return cuda_kernels.cross_entropy_loss_and_grad(self, grad_output)
         if cpu_kernels.cross_entropy_fits(self, grad_output):
             return cpu_kernels.cross_entropy_loss_and_grad(self, grad_output)
@@ -409,7 +409,7 @@ class LogSumExp(NamedTuple):
 def cross_entropy_grad_reference(x, lse, t, alpha, beta, gamma, smooth):
     """dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c,  p_ic = exp(x_ic - lse_i).
 
-    The vectorised twin of the CUDA kernel ``cuda_kernels.cross_entropy_grad``, with ``lse`` a
+    The vectorised twin of the CUDA kernel ``kernels.cuda.cross_entropy_grad``, with ``lse`` a
     :class:`LogSumExp` and p formed max first, ``exp((x - m) - log_sum)`` (the kernel still
     takes ``m + log_sum`` whole). alpha = scale·A, beta = scale·coef and gamma = scale, per row
     (or scalars); smooth is (C,) or None when there is no label smoothing.
@@ -496,6 +496,25 @@ def _reciprocal_or_zero(xp, denominator):
     return xp.where(nonzero, 1 / xp.where(nonzero, denominator, 1), 0)
 
 
+def matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b, or with ``beta`` (which needs ``out``) out = a @ b + beta * out: a gradient added
+    into a buffer (``Parameter.grad_decay``), in one BLAS call on either device.
+
+    On a GPU every product goes through gpunet's own cuBLAS handle, which a CUDA graph can
+    capture (CuPy's matmul cannot be captured; see kernels/cublas.py)."""
+    if type(a) is not np.ndarray and is_cuda_array(a):
+        from .kernels import cuda as cuda_kernels
+        return cuda_kernels.matmul(a, b, out=out, beta=beta)
+    if not beta:
+        return np.matmul(a, b, out=out)
+    if out is None:
+        raise ValueError("matmul with beta needs out, the array it adds into")
+    if cpu_kernels.gemm(a, b, beta, out):
+        return out
+    return add_into(out, np.matmul(a, b), beta)  # without the compiled kernels: one more pass
+
+
+
 # --- the other fused pieces of a training step ---------------------------------------------------
 #
 # Each has a CUDA kernel as its fast path on cupy arrays and runs the same formula in numpy.
@@ -514,7 +533,7 @@ def linear(x, w, b=None, relu: bool = False):
 def bias_relu_(y, b):
     """y = max(y + b, 0), in place: a Dense layer's bias and ReLU in one pass (one launch)."""
     if is_cuda_array(y):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         return cuda_kernels.bias_relu_(y, b)
     if cpu_kernels.bias_relu_fits(y, b):
         return cpu_kernels.bias_relu_(y, b)
@@ -527,11 +546,10 @@ def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
     also writes the column sums into it (the bias gradient of the layer before), in one launch.
     With ``beta`` the sums are added to ``beta * bias_grad`` (``Parameter.grad_decay``)."""
     if is_cuda_array(y):
-        from . import cuda_kernels
-        out = get_array_module(y).empty_like(y)
+        from .kernels import cuda as cuda_kernels
         if not beta:
-            return cuda_kernels.relu_backward(dy, y, out, bias_grad)
-        dz = cuda_kernels.relu_backward(dy, y, out)
+            return cuda_kernels.relu_backward(dy, y, bias_grad=bias_grad)
+        dz = cuda_kernels.relu_backward(dy, y)
     elif cpu_kernels.relu_backward_fits(dy, y, bias_grad):
         return cpu_kernels.relu_backward(dy, y, bias_grad, beta)
     else:
@@ -547,7 +565,7 @@ def count_correct(logits, labels, out=None):
     if out is None:
         out = xp.zeros((), dtype=np.uint64)
     if is_cuda_array(logits):
-        from . import cuda_kernels
+        from .kernels import cuda as cuda_kernels
         return cuda_kernels.count_correct(logits, labels, out)
     out += np.uint64(np.count_nonzero(logits.argmax(axis=1) == labels))
     return out

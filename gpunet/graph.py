@@ -10,20 +10,29 @@ kernel. Everything that changes between steps lives on the device and is read by
     lr_table   this epoch's learning rate per batch, from the closed-form schedule
     losses     each batch's loss, read once per epoch
 
-The first batch of the first epoch runs eagerly (it compiles the kernels and fills the private
-memory pool), the graph is captured right after it, and the last partial batch of each epoch runs
+The first batch of the first epoch runs eagerly (it compiles the kernels and creates the cuBLAS
+handle), the graph is captured right after it, and the last partial batch of each epoch runs
 eagerly through the same step function: graph and eager steps issue the same kernels. If capture
 fails, training carries on eagerly with a one-line notice.
 
-Temporaries are allocated during capture from a private memory pool that lives as long as this
-object: their addresses are baked into the graph, so nothing else may ever be given that memory.
+Two rules keep replays correct:
+
+- Memory. The temporaries of the captured step are allocated from a private memory pool, and
+  every block the capture took is held by this object for as long as the graph lives: their
+  addresses are baked into the graph, so no later allocation may be given them, and no
+  out-of-memory retry (which frees a pool's unused blocks) may return them to the driver. The
+  eager steps allocate from CuPy's default pool as usual.
+- Order. Everything runs on one stream of this object's. The data, the parameters and the
+  optimizer state were written on whichever stream was current before (the legacy default
+  stream, usually), so each epoch first makes this stream wait for that one, and ends with a
+  synchronisation before the host reads the losses or the parameters.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import cuda_kernels
+from .kernels import cuda as cuda_kernels
 
 
 class GraphStep:
@@ -35,13 +44,15 @@ class GraphStep:
         with t.device.scope():
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self.pool = cupy.cuda.MemoryPool()
+            self.graph_memory = []  # every block the captured graph uses, held while it lives
             self.counters = cupy.zeros(2, dtype=cupy.int64)
             self.order = cupy.empty(t.n_train, dtype=cupy.int64)
             self.lr_table = cupy.empty(t.steps_per_epoch, dtype=t.optimizer.data.dtype)
             self.losses = cupy.zeros(t.steps_per_epoch, dtype=cupy.float64)
             self.x_batch = cupy.empty_like(t._x_batch)
             self.y_batch = cupy.empty_like(t._y_batch)
-            cuda_kernels._cublas_handle(t.device.index)  # its workspace must not come from the pool
+            # The cuBLAS workspace of this stream exists before any capture, outside the pool.
+            cuda_kernels.cublas_on_stream(t.device.index, self.stream.ptr)
         self.graph = None
         self.failed = None  # why capture failed, once it has
 
@@ -52,25 +63,44 @@ class GraphStep:
         cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
                                   t.config.batch_size)
         loss = t.forward_backward(x, y)
-        cuda_kernels.optimizer_update(t.optimizer, self.lr_table, self.counters)
+        t.optimizer.device_update(self.lr_table, self.counters)
         cuda_kernels.finish_step(loss, self.losses, self.counters)
 
     def _capture(self) -> None:
         cupy = self.cupy
+        memory = []
+
+        def malloc(size):
+            block = self.pool.malloc(size)
+            memory.append(block)
+            return block
+
+        # Relaxed: the first capture may allocate (cudaMalloc) for the pool, which the global
+        # mode forbids while any stream captures.
         mode = getattr(cupy.cuda.runtime, "streamCaptureModeRelaxed", 2)
-        self.stream.begin_capture(mode=mode)
-        try:
-            self._step(self.trainer.config.batch_size)
-        finally:
+        with cupy.cuda.using_allocator(malloc):
+            self.stream.begin_capture(mode=mode)
+            try:
+                self._step(self.trainer.config.batch_size)
+            except BaseException:
+                # End the capture, but report what broke it, not the invalidated capture.
+                try:
+                    self.stream.end_capture()
+                except Exception:
+                    pass
+                raise
             graph = self.stream.end_capture()
-        self.graph = graph
+        self.graph, self.graph_memory = graph, memory
 
     def run_epoch(self, order_host: np.ndarray, meter, progress=None) -> None:
         """Train one epoch: graph replays for the full batches, eager steps for the rest."""
         t, cupy = self.trainer, self.cupy
         bs, n = t.config.batch_size, t.n_train
         lrs = epoch_learning_rates(t.scheduler, t.steps_per_epoch)
-        with t.device.scope(), self.stream, cupy.cuda.using_allocator(self.pool.malloc):
+        with t.device.scope():
+            written = cupy.cuda.get_current_stream().record()  # the data and parameters
+        with t.device.scope(), self.stream:
+            self.stream.wait_event(written)
             self.order.set(order_host, stream=self.stream)
             self.lr_table.set(lrs.astype(self.lr_table.dtype), stream=self.stream)
             self.counters.set(np.array([t.optimizer.step_count, 0], np.int64), stream=self.stream)

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import functional as F
 from .backend import (add_into, default_rng, device_of, get_array_module, is_cuda_array, is_integer,
-                      is_real, matmul, to_device)
+                      is_real, to_device)
 
 
 class Parameter:
@@ -369,12 +369,12 @@ class Dense(Module):
         elif b_grad is not None and not mixed:
             F.column_sums(dy, b_grad, beta=bias_beta)
         if mixed:  # float32 gradients from half-precision products
-            add_into(w_grad, matmul(x.T, dy), self.weight.grad_decay)
+            add_into(w_grad, F.matmul(x.T, dy), self.weight.grad_decay)
             if b_grad is not None:
                 add_into(b_grad, dy.sum(axis=0, dtype=b_grad.dtype), bias_beta)
         else:
-            matmul(x.T, dy, out=w_grad, beta=self.weight.grad_decay)
-        return matmul(dy, w.T) if input_grad else None
+            F.matmul(x.T, dy, out=w_grad, beta=self.weight.grad_decay)
+        return F.matmul(dy, w.T) if input_grad else None
 
     def __repr__(self) -> str:
         extra = ", activation='relu'" if self.activation else ""

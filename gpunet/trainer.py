@@ -211,7 +211,7 @@ class Trainer:
             self._x_batch = xp.empty((config.batch_size, in_features), dtype=self.dtype)
             self._y_batch = xp.empty((config.batch_size,), dtype=np.int64)
         self.graph = None
-        if self.device.type == "cuda" and config.cuda_graph:
+        if self.device.type == "cuda" and config.cuda_graph and self.optimizer.fused_device_update:
             from .graph import GraphStep
             self.graph = GraphStep(self)
 

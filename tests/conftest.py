@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gpunet import backend, cpu_kernels
+from gpunet import backend
+from gpunet.kernels import cpu as cpu_kernels
 
 PROJECT = Path(__file__).resolve().parents[1]
 MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

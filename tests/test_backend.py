@@ -32,8 +32,10 @@ def test_auto_says_which_device_it_chose():
     assert device.reason.startswith("auto: ")
     if backend.cuda_problem() is None:
         assert device.type == "cuda"
-    else:
-        assert device.type == "cpu" and backend.cuda_problem() in device.reason
+    else:  # briefly: what is wrong, not the whole advice, which --device cuda gives
+        what = backend.cuda_problem().split(";")[0]
+        assert device.type == "cpu" and device.reason == f"auto: no usable GPU ({what})"
+        assert "pip install" not in device.reason
 
 
 def test_cuda_without_gpu_is_an_error_not_a_fallback():
@@ -45,11 +47,17 @@ def test_cuda_without_gpu_is_an_error_not_a_fallback():
 
 def test_diagnosis_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
-    assert "pip install -e \".[cuda12]\"" in backend._diagnose_cuda()
+    problem = backend._diagnose_cuda()
+    assert problem.startswith("CuPy is not installed; ")
+    assert 'pip install -e ".[cuda13]"' in problem and 'pip install -e ".[cuda12]"' in problem
 
 
-def fake_cupy(monkeypatch, **runtime):
-    """A stand-in cupy module whose CUDA runtime answers as told."""
+LIBRARIES = ("nvrtc", "cublas", "curand", "headers")
+
+
+def fake_cupy(monkeypatch, missing=(), **runtime):
+    """A stand-in cupy whose CUDA runtime answers as told, and a stand-in cuda.pathfinder that
+    finds every CUDA library except those in ``missing`` (names from LIBRARIES)."""
     def call(value):
         def f(*args):
             if isinstance(value, Exception):
@@ -57,32 +65,76 @@ def fake_cupy(monkeypatch, **runtime):
             return value
         return f
     rt = types.SimpleNamespace(**{k: call(v) for k, v in runtime.items()})
-    nvrtc = types.SimpleNamespace(getVersion=call(runtime.pop("nvrtc", (12, 4))))
+    not_found = OSError("cannot open shared object file")
+    nvrtc = types.SimpleNamespace(getVersion=call(not_found if "nvrtc" in missing else (13, 0)))
     module = types.SimpleNamespace(cuda=types.SimpleNamespace(runtime=rt, nvrtc=nvrtc),
                                    ndarray=type("ndarray", (), {}))
+
+    def load(name):
+        if name in missing:
+            raise RuntimeError(f"lib{name} not found")
+        return types.SimpleNamespace(abs_path=f"/lib/lib{name}.so")
+
+    pathfinder = types.SimpleNamespace(
+        load_nvidia_dynamic_lib=load,
+        find_nvidia_header_directory=lambda name: None if "headers" in missing else "/include")
     monkeypatch.setitem(sys.modules, "cupy", module)
+    monkeypatch.setitem(sys.modules, "cuda", types.SimpleNamespace(pathfinder=pathfinder))
+    monkeypatch.setitem(sys.modules, "cuda.pathfinder", pathfinder)
     return module
 
 
+H200 = dict(driverGetVersion=13000, runtimeGetVersion=13020, getDeviceCount=1)  # driver 580
+
+
 @pytest.mark.parametrize("runtime,expected", [
-    (dict(getDeviceCount=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")),
+    (dict(H200, driverGetVersion=0), "no NVIDIA driver was found"),
+    (dict(H200, getDeviceCount=RuntimeError("cudaErrorNoDevice: no CUDA-capable device is detected")),
      "no CUDA GPU is visible; check nvidia-smi"),
-    (dict(getDeviceCount=0), "no CUDA GPU is visible"),
-    (dict(getDeviceCount=RuntimeError("cudaErrorInsufficientDriver")), "driver is too old"),
-    (dict(getDeviceCount=1, driverGetVersion=11080, runtimeGetVersion=12040),
-     "driver supports CUDA 11.8 but CuPy was built for CUDA 12.4"),
-    (dict(getDeviceCount=1, driverGetVersion=12040, runtimeGetVersion=12040,
-          nvrtc=OSError("libnvrtc.so.12: cannot open shared object file")), "NVRTC"),
-    (dict(getDeviceCount=1, driverGetVersion=12040, runtimeGetVersion=12040), None),
-])
+    (dict(H200, getDeviceCount=0), "no CUDA GPU is visible"),
+    (dict(H200, driverGetVersion=12040),
+     'the NVIDIA driver supports CUDA 12.4, but this CuPy is built for CUDA 13.2; install the CuPy '
+     'for your driver: pip install -e ".[cuda12]"'),
+    (dict(driverGetVersion=11080, runtimeGetVersion=12040, getDeviceCount=1),
+     "supports CUDA 11.8, older than gpunet supports"),
+    # CUDA's minor-version compatibility: CuPy's runtime 13.2 on the 13.0 driver of the H200.
+    (H200, None),
+    (dict(H200, driverGetVersion=13040), None),
+    (dict(driverGetVersion=13000, runtimeGetVersion=12080, getDeviceCount=1), None),
+], ids=["no-driver", "no-device", "zero-devices", "older-major", "cuda-11", "h200", "newer-minor",
+        "newer-major"])
 def test_diagnosis_of_each_cuda_problem(monkeypatch, runtime, expected):
     fake_cupy(monkeypatch, **runtime)
     problem = backend._diagnose_cuda()
     assert problem == expected if expected is None else expected in problem
 
 
+@pytest.mark.parametrize("missing,named", [
+    (("nvrtc",), "NVRTC (the CUDA runtime compiler)"),
+    (("cublas",), "cuBLAS"),
+    (("curand",), "cuRAND"),
+    (("headers",), "the CUDA headers"),
+    (("nvrtc", "headers"), "NVRTC (the CUDA runtime compiler) and the CUDA headers"),
+])
+def test_diagnosis_names_each_missing_cuda_library(monkeypatch, missing, named):
+    fake_cupy(monkeypatch, missing=missing, **H200)
+    assert backend._diagnose_cuda() == (
+        f'CuPy cannot find {named}, which a GPU run needs; pip install -e ".[cuda13]" brings them '
+        "(CuPy's ctk extra), or point CUDA_PATH at a CUDA 13 toolkit that has them")
+    fake_cupy(monkeypatch, missing=missing, **dict(H200, runtimeGetVersion=12080, driverGetVersion=12080))
+    assert 'pip install -e ".[cuda12]"' in backend._diagnose_cuda()
+
+
+@pytest.mark.nvrtc
+def test_the_compile_time_libraries_are_found_here():
+    """Where CI installed the kernels extra (CuPy, NVRTC, cuBLAS, the headers), the diagnosis
+    finds them: only cuRAND, which that extra leaves out, may be missing."""
+    pytest.importorskip("cupy")
+    assert set(backend.missing_cuda_libraries()) <= {"cuRAND"}
+
+
 def test_mixing_numpy_and_cupy_is_an_error(monkeypatch):
-    cupy = fake_cupy(monkeypatch, getDeviceCount=0)
+    cupy = fake_cupy(monkeypatch, **dict(H200, getDeviceCount=0))
     a, b = np.zeros(3), cupy.ndarray()
     assert backend.get_array_module(b) is cupy
     assert backend.get_array_module(a, 1.0, None) is np

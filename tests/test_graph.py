@@ -98,3 +98,17 @@ def test_graph_resume_equals_straight_run(tmp_path):
     again.fit()
     np.testing.assert_allclose(to_numpy(resumed.optimizer.data), to_numpy(again.optimizer.data),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.cuda
+def test_the_graph_holds_its_memory():
+    """Every block the capture allocated stays held: no later allocation or out-of-memory
+    retry can take an address the graph writes to."""
+    import cupy as cp
+    trainer = Trainer(config(epochs=1), synthetic(cp), quiet=True)
+    trainer.fit()
+    step = trainer.graph
+    assert step.graph is not None and step.graph_memory
+    assert step.pool.used_bytes() >= sum(block.mem.size for block in step.graph_memory) > 0
+    step.pool.free_all_blocks()  # what an out-of-memory retry does: held blocks survive it
+    assert step.pool.used_bytes() > 0

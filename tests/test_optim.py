@@ -6,7 +6,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from gpunet import blas, cpu_kernels
+from gpunet.kernels import blas, cpu as cpu_kernels
 from gpunet import layers as L
 from gpunet import optim
 from gpunet.backend import to_numpy
@@ -551,3 +551,17 @@ def test_schedule_resumes_from_state_dict():
     assert other_opt.lr == opt.lr
     with pytest.raises(ValueError, match="T_max must be a positive int"):
         optim.CosineAnnealingLR(opt, T_max=0)
+
+
+def test_only_the_library_rules_claim_a_fused_device_update():
+    """A captured CUDA graph replays the fused kernel: an optimizer whose rule is its own must
+    not claim one (the trainer then trains it eagerly)."""
+    from gpunet.layers import Parameter
+
+    class MyAdam(optim.Adam):
+        def _update(self):
+            self.data -= self.lr * self.grad
+
+    p = [Parameter(np.zeros(3, np.float32))]
+    assert optim.SGD(p, lr=0.1).fused_device_update and optim.AdamW(p).fused_device_update
+    assert not MyAdam(p).fused_device_update

@@ -1,11 +1,11 @@
-"""gpunet.blas: axpy and axpby from numpy's own OpenBLAS, and their numpy fallback."""
+"""gpunet.kernels.blas: axpy and axpby from numpy's own OpenBLAS, and their numpy fallback."""
 
 import os
 
 import numpy as np
 import pytest
 
-from gpunet import blas
+from gpunet.kernels import blas
 
 
 @pytest.fixture(params=["blas", "numpy"])

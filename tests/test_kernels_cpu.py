@@ -1,4 +1,4 @@
-"""gpunet.cpu_kernels: the compiled CPU kernels against the NumPy formulas they replace.
+"""gpunet.kernels.cpu: the compiled CPU kernels against the NumPy formulas they replace.
 
 Every test that takes the ``device`` fixture already runs on both CPU paths (see conftest.py);
 these tests add what only the kernels have: their own argument checks, the SGD kernel (which
@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import pytest
 
-from gpunet import backend, blas, cpu_kernels, optim
+from gpunet import optim
+from gpunet.kernels import blas, cpu as cpu_kernels
 from gpunet import functional as F
 from gpunet import layers as L
 
@@ -29,7 +30,7 @@ def test_ci_builds_the_kernels():
 
 
 def test_switching_off_by_environment():
-    code = "from gpunet import cpu_kernels as c; print(c.available(), c.DESCRIPTION)"
+    code = "from gpunet.kernels import cpu as c; print(c.available(), c.DESCRIPTION)"
     env = dict(os.environ, GPUNET_CPU_KERNELS="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          check=True).stdout
@@ -151,7 +152,7 @@ def test_gemm_declines_what_blas_cannot_take_and_matmul_still_answers(rng, case)
     if case in ("read-only out", "list"):
         return
     want = np.asarray(a) @ b + 0.5 * before
-    got = backend.matmul(a, b, out=out, beta=0.5)  # the fallback: same formula in numpy
+    got = F.matmul(a, b, out=out, beta=0.5)  # the fallback: same formula in numpy
     np.testing.assert_allclose(got, want, rtol=1e-2 if case == "float16" else 1e-5, atol=1e-2)
 
 
@@ -179,7 +180,7 @@ def test_gemm_argument_checks():
     with pytest.raises(ValueError, match="b must have 2 dimensions, got 1"):
         cpu_kernels._lib.gemm(np.zeros((2, 3), f32), np.zeros(3, f32), 0.0, np.zeros((2, 1), f32))
     with pytest.raises(ValueError, match="matmul with beta needs out"):
-        backend.matmul(np.zeros((2, 3), f32), np.zeros((3, 1), f32), beta=0.5)
+        F.matmul(np.zeros((2, 3), f32), np.zeros((3, 1), f32), beta=0.5)
 
 
 @needs_kernels
@@ -347,7 +348,7 @@ def test_optimizer_kernels_match_the_numpy_update(monkeypatch, rng, dtype, cls, 
         return p.data, opt
 
     with_kernel, opt = run()
-    assert cpu_kernels.optimizer_fits(opt)
+    assert opt.uses_compiled_update
     numpy_path(monkeypatch)
     tol = 1e-5 if dtype == np.float32 else 1e-13
     np.testing.assert_allclose(with_kernel, run()[0], rtol=tol, atol=tol)
@@ -356,14 +357,14 @@ def test_optimizer_kernels_match_the_numpy_update(monkeypatch, rng, dtype, cls, 
 @needs_kernels
 def test_which_optimizer_update_runs(monkeypatch):
     p = [L.Parameter(np.zeros(4, np.float32))]
-    assert cpu_kernels.optimizer_fits(optim.Adam(p)) and cpu_kernels.optimizer_fits(optim.AdamW(p))
-    assert cpu_kernels.optimizer_fits(optim.SGD(p, lr=0.1)) == (not blas.available(p[0].data))
+    assert optim.Adam(p).uses_compiled_update and optim.AdamW(p).uses_compiled_update
+    assert optim.SGD(p, lr=0.1).uses_compiled_update == (not blas.available(p[0].data))
 
     class MySGD(optim.SGD):  # a rule of the user's own is never replaced by a kernel
         def _update(self):
             self.data -= self.lr * self.grad
 
     monkeypatch.setattr(blas, "available", lambda x: False)
-    assert cpu_kernels.optimizer_fits(optim.SGD(p, lr=0.1))
-    assert not cpu_kernels.optimizer_fits(MySGD(p, lr=0.1))
-    assert not cpu_kernels.optimizer_fits(optim.SGD([L.Parameter(np.zeros(4, np.float16))], lr=0.1))
+    assert optim.SGD(p, lr=0.1).uses_compiled_update
+    assert not MySGD(p, lr=0.1).uses_compiled_update
+    assert not optim.SGD([L.Parameter(np.zeros(4, np.float16))], lr=0.1).uses_compiled_update

@@ -1,15 +1,15 @@
 """Compiled CPU kernels: the fast paths of gpunet's formulas on NumPy arrays.
 
-The CPU twin of ``cuda_kernels.py``. NumPy runs one operation per pass over memory, so the small
+The CPU twin of ``cuda.py``. NumPy runs one operation per pass over memory, so the small
 fused steps of training (bias then ReLU, the cross-entropy's eight operations, the optimizer's
 passes) cost several times what one loop over the data would. ``_cpu_kernels.c`` is that one
 loop for each, with the formula of its NumPy twin, which stays the reference:
 
     bias_relu_                  functional.bias_relu_
     relu_backward               functional.relu_backward
-    gemm                        backend.matmul with beta (BLAS gemm, which numpy does not expose)
+    gemm                        functional.matmul with beta (BLAS gemm, which numpy does not expose)
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
-    optimizer_update            optim.SGD._update, optim.Adam._update
+    sgd_update, adam_update     optim.SGD._update, optim.Adam._update
 
 The extension is built by ``pip install`` where a C compiler is found (setup.py marks it
 optional). Without it, or with ``GPUNET_CPU_KERNELS=0``, every formula runs in NumPy: same
@@ -30,14 +30,14 @@ from . import blas
 
 try:
     from . import _cpu_kernels as _lib
-    DESCRIPTION = "compiled (gpunet._cpu_kernels)"
+    DESCRIPTION = "compiled (gpunet.kernels._cpu_kernels)"
 except ImportError as error:
     _lib = None
     if importlib.util.find_spec(f"{__package__}._cpu_kernels") is None:
-        DESCRIPTION = ("numpy fallback (gpunet._cpu_kernels is not built: pip install found no C "
+        DESCRIPTION = ("numpy fallback (gpunet.kernels._cpu_kernels is not built: pip install found no C "
                        "compiler, or this source tree was not installed)")
     else:
-        DESCRIPTION = f"numpy fallback (gpunet._cpu_kernels did not load: {error})"
+        DESCRIPTION = f"numpy fallback (gpunet.kernels._cpu_kernels did not load: {error})"
 if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
     _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
 if _lib is not None:
@@ -131,31 +131,19 @@ def cross_entropy_loss_and_grad(plan, grad_output=1.0):
 
 # --- optimizers ----------------------------------------------------------------------------------------
 
-def optimizer_fits(opt) -> bool:
-    """An SGD or Adam (AdamW) whose update rule is the library's own, on host float buffers.
-
-    SGD prefers its two BLAS passes where numpy's OpenBLAS is reachable (``blas.py``): OpenBLAS
-    runs axpy on every core from its own thread pool, and inside a training step that beat this
-    kernel's single-threaded pass by about 30 us a step (784-256-10 on 2 cores, same run). A
-    thread of our own would fight OpenBLAS's spinning workers for the cores instead.
-    """
-    from .optim import SGD, Adam
-
-    if _lib is None or not _host_float(opt.data):
-        return False
-    rule = type(opt)._update
-    return rule is Adam._update or (rule is SGD._update and not blas.available(opt.data))
+def update_fits(p) -> bool:
+    """Whether the compiled optimizer updates take the flat parameter buffer ``p``: host
+    float32/float64 memory, with the compiled kernels loaded."""
+    return _lib is not None and _host_float(p)
 
 
-def optimizer_update(opt) -> None:
-    """One update of every parameter of ``opt`` in one pass over its flat buffers, in place."""
-    from .optim import SGD
+def sgd_update(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first) -> None:
+    """SGD's rule (see optim.SGD) in one pass over the flat buffers, in place; ``buf`` is the
+    momentum buffer (any scratch buffer without momentum), ``first`` whether it is step 1."""
+    _lib.sgd(p, g, buf, lr, momentum, dampening, weight_decay, nesterov, first)
 
-    if isinstance(opt, SGD):
-        buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
-        _lib.sgd(opt.data, opt.grad, buf, opt.lr, opt.momentum, opt.dampening, opt.weight_decay,
-                 opt.nesterov, opt.step_count == 1)
-    else:
-        (b1, b2), (bc1, bc2) = opt.betas, opt.bias_corrections()
-        _lib.adam(opt.data, opt.grad, opt.state["exp_avg"], opt.state["exp_avg_sq"], opt.lr, b1,
-                  b2, opt.eps, opt.weight_decay, opt.decoupled, bc1, bc2)
+
+def adam_update(p, g, m, v, lr, b1, b2, eps, weight_decay, decoupled, bc1, bc2) -> None:
+    """Adam's rule (see optim.Adam) in one pass, in place; bc1 and bc2 are this step's bias
+    corrections 1 - beta ** t."""
+    _lib.adam(p, g, m, v, lr, b1, b2, eps, weight_decay, decoupled, bc1, bc2)

@@ -6,28 +6,34 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     bias_relu_, relu_backward   functional.bias_relu_, functional.relu_backward
     count_correct               functional.count_correct
-    optimizer_update            optim.SGD._update, optim.Adam._update
+    sgd_update, adam_update     optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
 once per process, one template instantiation at a time. CuPy also caches the compiled binaries on
 disk (``~/.cupy/kernel_cache``, or ``$CUPY_CACHE_DIR``): only the first use on a machine pays the
-NVRTC compile (not yet measured on a GPU; nvcc needs about 0.3 s per cross-entropy instantiation
-on a 2-core CPU), and later processes load the cached binary.
+NVRTC compile (not yet measured on a GPU; NVRTC 13.5 takes 0.05-0.45 s per instantiation on a
+2-core CPU), and later processes load the cached binary. tests/test_kernels_cuda_compile.py compiles
+every instantiation exactly as CuPy will, with no GPU.
 
 Reductions accumulate in float32 for float16/bfloat16/float32 inputs and in float64 for float64;
 half-precision values are converted with exact bit operations (bfloat16) or the PTX ``cvt``
-instruction (float16), so the sources need no CUDA headers.
+instruction (float16, with an integer twin for the CPU), so the sources need no CUDA headers:
+NVRTC compiles them with none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from dataclasses import dataclass
 
 import numpy as np
 
+from . import cublas
+
 try:
     import cupy
-except ImportError:  # the sources stay importable: tests compile them with nvcc where it exists
+except ImportError:  # the sources and launch configurations stay importable for tests
     cupy = None
 
 # --- shared device code ----------------------------------------------------------------------------
@@ -36,18 +42,62 @@ except ImportError:  # the sources stay importable: tests compile them with nvcc
 _KIND = {np.dtype(np.float32): 0, np.dtype(np.float64): 1, np.dtype(np.float16): 2}
 
 _PRELUDE = r"""
+// NVRTC compiles these sources with no header at all (nvcc would bring math.h): the one macro
+// they need from it, as the float bit pattern of +inf.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+
 template <int KIND> struct Types { typedef float acc; typedef float raw; };
 template <> struct Types<1> { typedef double acc; typedef double raw; };
 template <> struct Types<2> { typedef float acc; typedef unsigned short raw; };
 template <> struct Types<3> { typedef float acc; typedef unsigned short raw; };
 
+// float16 <-> float32. On the GPU one PTX cvt each (round to nearest even); elsewhere (the CPU
+// harness in tests/) the same IEEE conversion in integer arithmetic, which tests hold equal to
+// numpy's float16 casts. A NaN stays a NaN (as a half, the canonical 0x7fff).
+__device__ __forceinline__ float half_bits_to_float(unsigned short h) {
+#ifdef __CUDA_ARCH__
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#else
+    const unsigned int sign = (unsigned int)(h & 0x8000u) << 16, em = h & 0x7fffu;
+    if (em >= 0x7c00u) return __uint_as_float(sign | 0x7f800000u | ((em & 0x3ffu) << 13));
+    if (em >= 0x0400u) return __uint_as_float(sign | ((em << 13) + 0x38000000u));  // normal
+    return __uint_as_float(sign | __float_as_uint((float)em * 5.9604644775390625e-8f));  // 2^-24
+#endif
+}
+
+__device__ __forceinline__ unsigned short float_to_half_bits(float f) {
+#ifdef __CUDA_ARCH__
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+#else
+    unsigned int u = __float_as_uint(f);
+    const unsigned int sign = (u >> 16) & 0x8000u;
+    u &= 0x7fffffffu;
+    if (u > 0x7f800000u) return 0x7fffu;                              // NaN
+    if (u >= 0x477ff000u) return (unsigned short)(sign | 0x7c00u);    // rounds past 65504: inf
+    if (u >= 0x38800000u) {                                           // a normal half
+        u += 0xc8000fffu + ((u >> 13) & 1u);                          // rebias, round to even
+        return (unsigned short)(sign | (u >> 13));
+    }
+    if (u < 0x33000000u) return (unsigned short)sign;                 // below half the least subnormal
+    // A subnormal half, h * 2^-24: the 24-bit mantissa shifted right, rounded to nearest even.
+    const unsigned int shift = 126u - (u >> 23), mantissa = (u & 0x7fffffu) | 0x800000u;
+    unsigned int h = mantissa >> shift;
+    const unsigned int rest = mantissa & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rest > half || (rest == half && (h & 1u))) ++h;
+    return (unsigned short)(sign | h);
+#endif
+}
+
 template <int KIND> __device__ __forceinline__
 typename Types<KIND>::acc load(const typename Types<KIND>::raw* p, long long i) {
     if constexpr (KIND == 2) {
-        float f;
-        unsigned short h = p[i];
-        asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-        return f;
+        return half_bits_to_float(p[i]);
     } else if constexpr (KIND == 3) {
         return __uint_as_float(((unsigned int)p[i]) << 16);
     } else {
@@ -58,9 +108,7 @@ typename Types<KIND>::acc load(const typename Types<KIND>::raw* p, long long i) 
 template <int KIND> __device__ __forceinline__
 void store(typename Types<KIND>::raw* p, long long i, typename Types<KIND>::acc v) {
     if constexpr (KIND == 2) {
-        unsigned short h;
-        asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-        p[i] = h;
+        p[i] = float_to_half_bits(v);
     } else if constexpr (KIND == 3) {
         unsigned int u = __float_as_uint(v);
         if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = 0x7fc0; return; }  // NaN stays NaN
@@ -119,15 +167,46 @@ def _acc_dtype(dtype):
     return np.float64 if np.dtype(dtype) == np.float64 else np.float32
 
 
-@functools.cache
-def _multiprocessors(device_id: int) -> int:
-    return cupy.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+# --- launch configurations ---------------------------------------------------------------------------
+#
+# Which kernel, how many blocks of how many threads, and how much dynamic shared memory: pure
+# functions of the shapes and of two facts about the GPU, with no cupy in them. The GPU launch,
+# the NVRTC compile tests (tests/test_kernels_cuda_compile.py) and the CPU harness all ask these same
+# functions, so none of them restates a launch configuration.
+
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the launch configurations depend on."""
+
+    multiprocessors: int
+    shared_memory_optin: int  # the most dynamic shared memory one block may opt in to, in bytes
+
+
+# An H100 or H200: 132 multiprocessors, 227 KiB of shared memory per block. For tests.
+HOPPER = DeviceFacts(multiprocessors=132, shared_memory_optin=227 * 1024)
+
+
+@dataclass(frozen=True)
+class Launch:
+    kernel: str  # the template instantiation, as CuPy's name_expressions name it
+    grid: int
+    block: int
+    shared_mem: int = 0  # dynamic shared memory, bytes
 
 
 @functools.cache
-def _shared_memory_optin(device_id: int) -> int:
-    """The most dynamic shared memory one block may opt in to (227 KiB on an H100 or H200)."""
-    return cupy.cuda.runtime.getDeviceProperties(device_id)["sharedMemPerBlockOptin"]
+def device_facts(device_id: int) -> DeviceFacts:
+    props = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return DeviceFacts(props["multiProcessorCount"], props["sharedMemPerBlockOptin"])
+
+
+def grid_stride(elements: int, facts: DeviceFacts, threads: int = 256, per_sm: int = 8) -> tuple:
+    """(blocks, threads) for a grid-stride loop over ``elements``: enough blocks to fill the GPU,
+    never more than there is work for."""
+    return max(1, min(-(-elements // threads), per_sm * facts.multiprocessors)), threads
+
+
+COMPILE_OPTIONS = ("-std=c++17",)
 
 
 @functools.cache
@@ -135,8 +214,29 @@ def _compiled(source: str, name: str):
     """Kernel ``name`` (a template instantiation such as ``"relu_backward<0>"``) of ``source``,
     compiled on first use. One instantiation per compile keeps the first call short: a module's
     every dtype and size variant would be compiled at once otherwise."""
-    module = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=[name])
+    module = cupy.RawModule(code=source, options=COMPILE_OPTIONS, name_expressions=[name])
     return module.get_function(name)
+
+
+def _launch(source: str, launch: Launch, args: tuple) -> None:
+    kernel = _compiled(source, launch.kernel)
+    if launch.shared_mem > 48 * 1024:  # beyond the default, a block must opt in
+        kernel.max_dynamic_shared_size_bytes = launch.shared_mem
+    kernel((launch.grid,), (launch.block,), args, shared_mem=launch.shared_mem)
+
+
+def _require(array, name: str, shape=None, dtype=None) -> None:
+    """Raise unless ``array`` is C-contiguous, of ``shape`` and ``dtype``: what a kernel that
+    indexes raw memory assumes of an array it writes."""
+    problems = []
+    if shape is not None and tuple(array.shape) != tuple(shape):
+        problems.append(f"shape {tuple(shape)}, got {tuple(array.shape)}")
+    if dtype is not None and array.dtype != np.dtype(dtype):
+        problems.append(f"dtype {np.dtype(dtype)}, got {array.dtype}")
+    if not array.flags.c_contiguous:
+        problems.append("a C-contiguous array, got a strided one")
+    if problems:
+        raise ValueError(f"{name} must have " + " and ".join(problems))
 
 
 # --- cross-entropy gradient from a kept log-sum-exp (backward after forward) -----------------------
@@ -224,8 +324,17 @@ template <typename S> __device__ __forceinline__ void fold(S& m, S& s, S v) {
     else { m = v; s = v; }                                // NaN poisons the row, as in numpy
 }
 
+// A row's log-sum-exp kept as max and log(sum of exp(x - max)), never added up: log p_j is
+// (x_j - max) - log_sum, which stays exact to float rounding however large the logits are
+// (m + log(s) rounded first would cost 5e-4 relative at an offset of 1e4 in float32). A row
+// whose max is not finite (all -inf, an inf, a NaN) keeps log_sum = 0, and its log p = x - max.
+template <typename S> struct Lse {
+    S m, log_sum;
+    __device__ __forceinline__ S log_prob(S v) const { return (v - m) - log_sum; }
+};
+
 // Merge the (max, sum) pairs of the threads that share a row (a warp, or a whole block).
-template <typename S, bool BLOCK> __device__ __forceinline__ S row_lse(S m, S s, S* scratch) {
+template <typename S, bool BLOCK> __device__ __forceinline__ Lse<S> row_lse(S m, S s, S* scratch) {
     warp_merge(m, s);
     if (BLOCK) {
         int w = threadIdx.x >> 5, warps = blockDim.x >> 5;
@@ -235,7 +344,10 @@ template <typename S, bool BLOCK> __device__ __forceinline__ S row_lse(S m, S s,
         m = -INFINITY; s = 0;
         for (int k = 0; k < warps; ++k) merge(m, s, scratch[2 * k], scratch[2 * k + 1]);
     }
-    return (m == -INFINITY || m == INFINITY || m != m) ? m : m + log(s);
+    Lse<S> l;
+    l.m = m;
+    l.log_sum = (m == -INFINITY || m == INFINITY || m != m) ? (S)0 : log(s);
+    return l;
 }
 
 // The per-row factors of dx_c = alpha p_c - beta [c = t] - gamma smooth_c (see functional.py).
@@ -258,28 +370,29 @@ row_factors(const CE<KIND>& a, long long row, typename CE<KIND>::S scale, typena
 }
 
 // dx for element j of the row (p_y - 1 is formed in S and rounded once, by the caller's store);
-// adds w_j (lse - x_j), the element's share of the smoothing term of the loss, to `smooth`.
+// adds w_j (lse - x_j) = -w_j log p_j, the element's share of the smoothing term, to `smooth`.
 template <int KIND> __device__ __forceinline__ typename CE<KIND>::S
 grad_value(const CE<KIND>& a, const Row<typename CE<KIND>::S>& r, long long j,
-           typename CE<KIND>::S v, typename CE<KIND>::S lse, typename CE<KIND>::S& smooth) {
+           typename CE<KIND>::S v, const Lse<typename CE<KIND>::S>& lse, typename CE<KIND>::S& smooth) {
     typedef typename CE<KIND>::S S;
     S w_j = a.weight ? a.weight[j] : (S)1;
-    if (a.eps != 0) smooth += w_j * (lse - v);
-    return r.alpha * exp(v - lse) - (j == r.ts ? r.beta : (S)0) - r.gamma * (a.eps / (S)a.c) * w_j;
+    const S log_p = lse.log_prob(v);
+    if (a.eps != 0) smooth -= w_j * log_p;
+    return r.alpha * exp(log_p) - (j == r.ts ? r.beta : (S)0) - r.gamma * (a.eps / (S)a.c) * w_j;
 }
 
 template <int KIND> __device__ __forceinline__ void
 write_grad(const CE<KIND>& a, const Row<typename CE<KIND>::S>& r, long long base, long long j,
-           typename CE<KIND>::S v, typename CE<KIND>::S lse, typename CE<KIND>::S& smooth) {
+           typename CE<KIND>::S v, const Lse<typename CE<KIND>::S>& lse, typename CE<KIND>::S& smooth) {
     store<KIND>(a.grad, base + j, grad_value(a, r, j, v, lse, smooth));
 }
 
 template <int KIND> __device__ __forceinline__ typename CE<KIND>::S
 row_loss(const CE<KIND>& a, const Row<typename CE<KIND>::S>& r, long long base,
-         typename CE<KIND>::S lse, typename CE<KIND>::S smooth) {
+         const Lse<typename CE<KIND>::S>& lse, typename CE<KIND>::S smooth) {
     typedef typename CE<KIND>::S S;
     if (!r.valid) return (S)0;
-    return r.coef * (lse - load<KIND>(a.x, base + r.ts)) + a.eps / (S)a.c * smooth;
+    return -r.coef * lse.log_prob(load<KIND>(a.x, base + r.ts)) + a.eps / (S)a.c * smooth;
 }
 
 // Sum the blocks' partial losses in a fixed order once the last block is done; reset the counter
@@ -326,7 +439,7 @@ template <int KIND> __global__ void ce_warp_rows(CE_PARAMS(KIND)) {
         const long long base = row * a.c;
         S m = -INFINITY, s = 0;
         for (long long j = lane; j < a.c; j += 32) fold(m, s, load<KIND>(a.x, base + j));
-        const S lse = row_lse<S, false>(m, s, scratch);
+        const Lse<S> lse = row_lse<S, false>(m, s, scratch);
         const Row<S> r = row_factors(a, row, scale, w_sum);
         S smooth = 0;
         for (long long j = lane; j < a.c; j += 32) write_grad(a, r, base, j, load<KIND>(a.x, base + j), lse, smooth);
@@ -359,7 +472,7 @@ template <int KIND, int VPT> __global__ void __launch_bounds__(512) ce_block_row
             #pragma unroll
             for (int k = 0; k < VPT; ++k) s += exp(v[k] - m);
         }
-        const S lse = row_lse<S, true>(m, s, scratch);
+        const Lse<S> lse = row_lse<S, true>(m, s, scratch);
         const Row<S> r = row_factors(a, row, scale, w_sum);
         S smooth = 0;
         #pragma unroll
@@ -399,7 +512,7 @@ template <int KIND> __global__ void __launch_bounds__(512) ce_block_rows_smem(CE
         __syncthreads();
         S m = -INFINITY, s = 0;
         for (long long j = threadIdx.x; j < a.c; j += blockDim.x) fold(m, s, load<KIND>(staged, j));
-        const S lse = row_lse<S, true>(m, s, scratch);
+        const Lse<S> lse = row_lse<S, true>(m, s, scratch);
         const Row<S> r = row_factors(a, row, scale, w_sum);
         S smooth = 0;
         for (long long i = threadIdx.x; i < n_vec; i += blockDim.x) {
@@ -430,7 +543,7 @@ template <int KIND> __global__ void __launch_bounds__(512) ce_block_rows_long(CE
         const long long base = row * a.c;
         S m = -INFINITY, s = 0;
         for (long long j = threadIdx.x; j < a.c; j += blockDim.x) fold(m, s, load<KIND>(a.x, base + j));
-        const S lse = row_lse<S, true>(m, s, scratch);
+        const Lse<S> lse = row_lse<S, true>(m, s, scratch);
         const Row<S> r = row_factors(a, row, scale, w_sum);
         S smooth = 0;
         for (long long j = threadIdx.x; j < a.c; j += blockDim.x)
@@ -448,7 +561,8 @@ template <int KIND> __global__ void __launch_bounds__(512) ce_block_rows_long(CE
 
 _BLOCK_THREADS = 512
 # Values per thread held in registers, C up to 512 * VPT; beyond 16 (8 for doubles) they spill.
-_VPT_CHOICES = (4, 8, 16)
+# (No 4: rows of up to 512 * 4 = 2048 classes go to the warp-per-row kernel.)
+_VPT_CHOICES = (8, 16)
 
 
 def _max_vpt(kind: int) -> int:
@@ -465,11 +579,43 @@ _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
 
 @functools.cache
 def _ce_counter(device_id: int, stream_ptr: int):
-    # One ticket counter per device and stream; the last block of every launch resets it to 0.
-    return cupy.zeros(1, dtype=cupy.uint32)
+    """The ticket counter of the cross-entropy's last-block sum on one device and stream; the last
+    block of every launch resets it to 0. Made (and zeroed) eagerly, never inside a capture, where
+    its zeroing would only be a node of the graph."""
+    if is_capturing():
+        raise RuntimeError("the cross-entropy's counter for this stream must exist before the "
+                           "stream is captured: run one eager step on it first")
+    with cupy.cuda.Device(device_id):
+        return cupy.zeros(1, dtype=cupy.uint32)
 
 
 _NULL = np.uint64(0)  # a null pointer argument (8 bytes, like a device pointer)
+
+
+def cross_entropy_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
+    """The cross-entropy variant for (n, c) logits of ``dtype``, and its launch.
+
+    Up to 2048 classes a warp takes a row (8 rows per block); beyond, a block of 512 threads
+    takes a row, held in registers while VPT values per thread fit, then staged in shared
+    memory while the row fits there (beside the 2 KiB of static scratch), then read twice.
+    The grid is at most 4 blocks per multiprocessor; blocks stride over the rows.
+    """
+    kind = _kind(dtype)
+    itemsize = np.dtype(dtype).itemsize
+    shared = 0
+    if c <= _WARP_ROWS_MAX_C:
+        name, threads, rows_per_block = f"ce_warp_rows<{kind}>", 256, 8
+    else:
+        threads, rows_per_block = _BLOCK_THREADS, 1
+        vpt = next((v for v in _VPT_CHOICES if v <= _max_vpt(kind) and c <= v * threads), None)
+        if vpt:
+            name = f"ce_block_rows<{kind}, {vpt}>"
+        elif c * itemsize <= facts.shared_memory_optin - 2048:
+            name, shared = f"ce_block_rows_smem<{kind}>", c * itemsize
+        else:
+            name = f"ce_block_rows_long<{kind}>"
+    blocks = max(1, min(-(-n // rows_per_block), 4 * facts.multiprocessors))
+    return Launch(name, blocks, threads, shared)
 
 
 def cross_entropy_loss_and_grad(plan, grad_output=1.0):
@@ -479,7 +625,6 @@ def cross_entropy_loss_and_grad(plan, grad_output=1.0):
         raise ValueError("the single-pass cross-entropy takes a scalar grad_output")
     x = cupy.ascontiguousarray(plan.logits)
     n, c = x.shape
-    kind = _kind(x.dtype)
     t = cupy.ascontiguousarray(plan.target.astype(cupy.int64, copy=False))
     weight = None if plan.weight is None else \
         cupy.ascontiguousarray(plan.weight.astype(_acc_dtype(x.dtype), copy=False))
@@ -488,30 +633,14 @@ def cross_entropy_loss_and_grad(plan, grad_output=1.0):
     if n == 0:
         loss.fill(0)
         return loss, grad
-    device = x.device.id
-    shared = 0
-    if c <= _WARP_ROWS_MAX_C:
-        name, threads, rows_per_block = f"ce_warp_rows<{kind}>", 256, 8
-    else:
-        threads, rows_per_block = _BLOCK_THREADS, 1
-        vpt = next((v for v in _VPT_CHOICES if v <= _max_vpt(kind) and c <= v * threads), None)
-        if vpt:
-            name = f"ce_block_rows<{kind}, {vpt}>"
-        elif c * x.itemsize <= _shared_memory_optin(device) - 2048:  # room for the static scratch
-            name, shared = f"ce_block_rows_smem<{kind}>", c * x.itemsize
-        else:
-            name = f"ce_block_rows_long<{kind}>"
-    blocks = int(min(-(-n // rows_per_block), 4 * _multiprocessors(device)))
-    partials = cupy.empty(blocks, dtype=_acc_dtype(x.dtype))
-    counter = _ce_counter(device, cupy.cuda.get_current_stream().ptr)
+    launch = cross_entropy_launch(n, c, x.dtype, device_facts(x.device.id))
     scalar = _acc_dtype(x.dtype)
-    kernel = _compiled(CROSS_ENTROPY_SOURCE, name)
-    if shared:
-        kernel.max_dynamic_shared_size_bytes = shared  # opt in beyond the default 48 KiB
-    kernel((blocks,), (threads,), (
+    partials = cupy.empty(launch.grid, dtype=scalar)
+    counter = _ce_counter(x.device.id, cupy.cuda.get_current_stream().ptr)
+    _launch(CROSS_ENTROPY_SOURCE, launch, (
         x, t, _NULL if weight is None else weight, grad, loss, partials, counter, np.int64(n),
         np.int64(c), np.int64(plan.ignore_index), scalar(plan.eps), scalar(float(grad_output)),
-        np.int32(_REDUCTIONS[plan.reduction])), shared_mem=shared)
+        np.int32(_REDUCTIONS[plan.reduction])))
     return loss, grad
 
 
@@ -566,14 +695,28 @@ template <int KIND> __global__ void relu_backward(
 RELU_BACKWARD_ENTRIES = [f"relu_backward<{k}>" for k in range(4)]
 
 
-def relu_backward(dy, y, out, bias_grad=None):
-    """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0), in one launch."""
-    dy, y = cupy.ascontiguousarray(dy), cupy.ascontiguousarray(y)
+def relu_backward_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
+    """A block of 8 warps per 32 columns (the kernel's partial[8][33] assumes 256 threads)."""
+    return Launch(f"relu_backward<{_kind(dtype)}>", max(1, min(-(-c // 32), 8 * facts.multiprocessors)), 256)
+
+
+def relu_backward(dy, y, out=None, bias_grad=None):
+    """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0), in one launch.
+
+    ``out`` (allocated when None) must be C-contiguous like the kernel writes it, of y's shape
+    and dtype; ``bias_grad`` of shape (C,) and y's dtype."""
+    y = cupy.ascontiguousarray(y)
+    dy = cupy.ascontiguousarray(dy, dtype=y.dtype)  # the kernel reads both as y's type
+    if dy.shape != y.shape:
+        raise ValueError(f"dy must have the shape of y, {y.shape}, got {dy.shape}")
+    if out is None:
+        out = cupy.empty(y.shape, dtype=y.dtype)
+    _require(out, "out", y.shape, y.dtype)
+    if bias_grad is not None:
+        _require(bias_grad, "bias_grad", y.shape[1:], y.dtype)
     n, c = y.shape
-    blocks = max(1, min(-(-c // 32), 8 * _multiprocessors(y.device.id)))
-    kernel = _compiled(RELU_BACKWARD_SOURCE, f"relu_backward<{_kind(y.dtype)}>")
-    kernel((blocks,), (256,), (dy, y, out, _NULL if bias_grad is None else bias_grad,
-                               np.int64(n), np.int64(c)))
+    _launch(RELU_BACKWARD_SOURCE, relu_backward_launch(n, c, y.dtype, device_facts(y.device.id)),
+            (dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)))
     return out
 
 
@@ -601,17 +744,26 @@ template <int KIND> __global__ void count_correct(
 COUNT_CORRECT_ENTRIES = [f"count_correct<{k}>" for k in range(4)]
 
 
+def count_correct_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
+    blocks, threads = grid_stride(n, facts, per_sm=4)
+    return Launch(f"count_correct<{_kind(dtype)}>", blocks, threads)
+
+
 def count_correct(logits, labels, out):
     """out += number of rows whose argmax equals the label (out: a uint64 device scalar)."""
     x = cupy.ascontiguousarray(logits)
     n, c = x.shape
+    _require(out, "out", (), np.uint64)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
     if n == 0:
         return out
-    threads = 256
-    blocks = max(1, min(-(-n // threads), 4 * _multiprocessors(x.device.id)))
-    kernel = _compiled(COUNT_CORRECT_SOURCE, f"count_correct<{_kind(x.dtype)}>")
-    kernel((blocks,), (threads,), (x, cupy.ascontiguousarray(labels.astype(cupy.int64, copy=False)),
-                                   out, np.int64(n), np.int64(c)))
+    if c == 0:
+        raise ValueError("logits must have at least one class to take an argmax, got shape "
+                         f"{x.shape}")
+    labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
+    _launch(COUNT_CORRECT_SOURCE, count_correct_launch(n, c, x.dtype, device_facts(x.device.id)),
+            (x, labels, out, np.int64(n), np.int64(c)))
     return out
 
 
@@ -674,43 +826,37 @@ template <typename S> __global__ void adam(
 OPTIM_ENTRIES = ["sgd<float>", "sgd<double>", "adam<float>", "adam<double>"]
 
 
-def _launch_shape(n: int, device_id: int):
-    threads = 256
-    return (max(1, min(-(-n // threads), 8 * _multiprocessors(device_id))),), (threads,)
+def optimizer_launch(rule: str, dtype, size: int, facts: DeviceFacts) -> Launch:
+    """``rule`` is "sgd" or "adam"; one grid-stride pass over ``size`` parameters."""
+    dtype = np.dtype(dtype)
+    if dtype not in (np.float32, np.float64):
+        raise TypeError(f"the fused optimizer update takes float32 or float64 parameters, got {dtype}")
+    blocks, threads = grid_stride(size, facts)
+    return Launch(f"{rule}<{'float' if dtype == np.float32 else 'double'}>", blocks, threads)
 
 
-def optimizer_update(opt, lr_table=None, counters=None) -> None:
-    """One fused update of every parameter of ``opt`` (an SGD or Adam), in place.
+def sgd_update(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, steps_taken,
+               lr_table=None, counters=None) -> None:
+    """SGD's rule (see optim.SGD) in one launch over the flat buffers, in place.
 
-    Eagerly (the default) the learning rate and step count come from ``opt``, whose ``step()``
-    has already counted this step. With ``lr_table`` and ``counters`` (device arrays, see the
-    kernel source) they are read on the device, as a captured CUDA graph needs.
-    """
-    from .optim import SGD, Adam
-
-    p, g = opt.data, opt.grad
-    if p.dtype not in (np.float32, np.float64):
-        raise TypeError(f"the fused optimizer update takes float32 or float64 parameters, got {p.dtype}")
+    ``steps_taken`` counts the steps before this one (0 on the first). With ``lr_table`` and
+    ``counters`` (device arrays, see the kernel source) the rate and the step count are read on
+    the device instead, as a captured CUDA graph needs."""
     scalar = p.dtype.type
-    name = "float" if p.dtype == np.float32 else "double"
-    grid, block = _launch_shape(p.size, p.device.id)
-    table = _NULL if lr_table is None else lr_table
-    device_counters = _NULL if counters is None else counters
-    steps_taken = np.int64(opt.step_count - 1)  # step() counted this one already
-    if isinstance(opt, SGD):
-        buf = opt.state.get("momentum_buffer", opt._scratch)  # unused without momentum
-        _compiled(OPTIM_SOURCE, f"sgd<{name}>")(grid, block, (
-            p, g, buf, np.int64(p.size), scalar(opt.lr), table, device_counters, steps_taken,
-            scalar(opt.momentum), scalar(opt.dampening), scalar(opt.weight_decay),
-            np.bool_(opt.nesterov)))
-    elif isinstance(opt, Adam):
-        b1, b2 = opt.betas
-        _compiled(OPTIM_SOURCE, f"adam<{name}>")(grid, block, (
-            p, g, opt.state["exp_avg"], opt.state["exp_avg_sq"], np.int64(p.size), scalar(opt.lr),
-            table, device_counters, steps_taken, scalar(b1), scalar(b2), scalar(opt.eps),
-            scalar(opt.weight_decay), np.bool_(opt.decoupled)))
-    else:  # an optimizer of the user's own: its NumPy-style update runs on cupy as well
-        opt._update()
+    _launch(OPTIM_SOURCE, optimizer_launch("sgd", p.dtype, p.size, device_facts(p.device.id)), (
+        p, g, buf, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
+        _NULL if counters is None else counters, np.int64(steps_taken), scalar(momentum),
+        scalar(dampening), scalar(weight_decay), np.bool_(nesterov)))
+
+
+def adam_update(p, g, m, v, *, lr, b1, b2, eps, weight_decay, decoupled, steps_taken,
+                lr_table=None, counters=None) -> None:
+    """Adam's rule (see optim.Adam) in one launch, in place; the arguments as for sgd_update."""
+    scalar = p.dtype.type
+    _launch(OPTIM_SOURCE, optimizer_launch("adam", p.dtype, p.size, device_facts(p.device.id)), (
+        p, g, m, v, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
+        _NULL if counters is None else counters, np.int64(steps_taken), scalar(b1), scalar(b2),
+        scalar(eps), scalar(weight_decay), np.bool_(decoupled)))
 
 
 # --- pieces of a captured training step -------------------------------------------------------------
@@ -744,84 +890,177 @@ STEP_ENTRIES = (["gather_batch<float>", "gather_batch<double>", "gather_batch<un
 _RAW_NAME = {4: "float", 8: "double", 2: "unsigned short"}
 
 
+def gather_batch_launch(rows: int, features: int, dtype, facts: DeviceFacts) -> Launch:
+    _kind(dtype)  # one of the four float types, or a TypeError
+    blocks, threads = grid_stride(rows * features, facts)
+    return Launch(f"gather_batch<{_RAW_NAME[np.dtype(dtype).itemsize]}>", blocks, threads)
+
+
+def finish_step_launch(dtype) -> Launch:
+    return Launch(f"finish_step<{_kind(dtype)}>", 1, 1)
+
+
 def gather_batch(x, y, order, counters, xb, yb, batch_size: int) -> None:
     """xb, yb = the rows of (x, y) that batch ``counters[1]`` of ``order`` names."""
     rows, features = xb.shape
-    grid, block = _launch_shape(rows * features, x.device.id)
-    kernel = _compiled(STEP_SOURCE, f"gather_batch<{_RAW_NAME[x.itemsize]}>")
-    kernel(grid, block, (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features),
-                         np.int64(batch_size)))
+    _require(x, "x", (x.shape[0], features), xb.dtype)
+    _require(y, "y", (x.shape[0],), np.int64)
+    _require(order, "order", (x.shape[0],), np.int64)
+    _require(counters, "counters", (2,), np.int64)
+    _require(xb, "xb")
+    _require(yb, "yb", (rows,), np.int64)
+    _launch(STEP_SOURCE, gather_batch_launch(rows, features, x.dtype, device_facts(x.device.id)),
+            (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features), np.int64(batch_size)))
 
 
 def finish_step(loss, losses, counters) -> None:
-    _compiled(STEP_SOURCE, f"finish_step<{_kind(loss.dtype)}>")((1,), (1,), (loss, losses, counters))
+    _require(losses, "losses", dtype=np.float64)
+    _require(counters, "counters", (2,), np.int64)
+    _launch(STEP_SOURCE, finish_step_launch(loss.dtype), (loss, losses, counters))
 
 
-# --- matrix products that a CUDA graph can capture --------------------------------------------------
+# --- matrix products, eager or captured into a CUDA graph -------------------------------------------
 #
-# CuPy refuses cuBLAS calls while a stream is being captured (cupy issue 6290), because some
-# cuBLAS routines synchronise or allocate. A plain GEMM does neither once cuBLAS has a workspace
-# of its own (cublasSetWorkspace) and reads alpha and beta from host memory at capture time,
-# which is what the NVIDIA documentation asks for graph capture. So, while capturing, gpunet
-# calls cuBLAS itself through CuPy's low-level binding, on the capturing stream; outside a capture
-# it uses cupy.matmul. We chose this over GEMM kernels of our own: cuBLAS is faster on every
-# shape, and the same library computes both the eager and the captured products.
+# Through gpunet's own cuBLAS binding (cublas.py says why CuPy's cannot be captured), one handle
+# per device for every product, eager or captured: the handle and its workspace exist before any
+# capture, and the same library computes both.
 
-_WORKSPACE_BYTES = 32 << 20
-_ONE = {np.dtype(np.float32): np.ones(1, np.float32), np.dtype(np.float64): np.ones(1, np.float64)}
-_ZERO = {np.dtype(np.float32): np.zeros(1, np.float32), np.dtype(np.float64): np.zeros(1, np.float64)}
-_CUDA_DATA_TYPE = {np.dtype(np.float16): 2}  # CUDA_R_16F; bfloat16 (CUDA_R_16BF) is 14
-_CUBLAS_COMPUTE_32F = 68
+_GEMM_KIND = {np.dtype(np.float32): ("s", None), np.dtype(np.float64): ("d", None),
+              np.dtype(np.float16): ("ex", cublas.CONSTANTS["CUDA_R_16F"])}
+
+
+def _gemm_kind(dtype):
+    """("s" | "d" | "ex", cudaDataType or None), or None for a dtype cuBLAS is not asked for."""
+    dtype = np.dtype(dtype)
+    if dtype.name == "bfloat16":
+        return "ex", cublas.CONSTANTS["CUDA_R_16BF"]
+    return _GEMM_KIND.get(dtype)
 
 
 @functools.cache
-def _cublas_handle(device_id: int):
-    """A cuBLAS handle of gpunet's own for captured products, with a workspace that outlives
-    every graph. Its own, not CuPy's: a workspace must not be shared by work on two streams,
-    and CuPy's handle serves every stream."""
-    from cupy_backends.cuda.libs import cublas
-
+def _cublas_handle(device_id: int) -> cublas.Handle:
     with cupy.cuda.Device(device_id):
-        handle = cublas.create()
-        workspace = cupy.empty(_WORKSPACE_BYTES, dtype=cupy.uint8)
-    if hasattr(cublas, "setWorkspace"):
-        cublas.setWorkspace(handle, workspace.data.ptr, _WORKSPACE_BYTES)
-    return handle, workspace
+        return cublas.Handle()
+
+
+_cublas_workspaces: dict = {}  # (device, stream pointer) -> that stream's workspace
+
+
+def cublas_on_stream(device_id: int, stream_ptr: int | None = None) -> cublas.Handle:
+    """gpunet's cuBLAS handle on GPU ``device_id``, set to work on ``stream_ptr`` (default: the
+    current stream) with that stream's own workspace.
+
+    Its own handle, not CuPy's. One workspace per stream, since two streams must not share one,
+    allocated on the stream's first product and kept for the life of the process: graphs that
+    captured a product keep its address. A stream that will be captured gets its workspace
+    beforehand (GraphStep asks for it), so that no capture allocates one.
+    """
+    handle = _cublas_handle(device_id)
+    if stream_ptr is None:
+        stream_ptr = cupy.cuda.get_current_stream().ptr
+    if handle.stream != stream_ptr:
+        workspace = _cublas_workspaces.get((device_id, stream_ptr))
+        if workspace is None:
+            if is_capturing():
+                raise RuntimeError("a cuBLAS workspace for this stream must exist before the "
+                                   "stream is captured: run one product on it eagerly first")
+            with cupy.cuda.Device(device_id):
+                workspace = cupy.empty(cublas.WORKSPACE_BYTES, dtype=cupy.uint8)
+            _cublas_workspaces[device_id, stream_ptr] = workspace
+        handle.set_stream(stream_ptr, workspace.data.ptr, workspace.nbytes)
+    return handle
 
 
 def is_capturing() -> bool:
     return cupy.cuda.get_current_stream().is_capturing()
 
 
-def matmul(a, b, out=None):
-    """a @ b for 2-D arrays, also while a CUDA graph is being captured."""
-    if not is_capturing():
-        return cupy.matmul(a, b, out=out)
-    from cupy_backends.cuda.libs import cublas
+def matmul(a, b, out=None, beta: float = 0.0):
+    """a @ b, or with ``beta`` out = a @ b + beta * out, for 2-D float arrays of one dtype; also
+    while a CUDA graph is being captured.
 
+    Anything else (integers, mixed dtypes, batched operands) goes to cupy.matmul, which cannot
+    be captured; under capture that is a TypeError naming what came.
+    """
+    kind = _gemm_kind(a.dtype) if a.ndim == 2 and b.ndim == 2 and a.dtype == b.dtype else None
+    if beta and out is None:
+        raise ValueError("matmul with beta needs out, the array it adds into")
+    if kind is None:
+        if is_capturing():
+            raise TypeError("a product captured into a CUDA graph takes two 2-D arrays of one "
+                            "dtype (float16, bfloat16, float32 or float64), got "
+                            f"{a.dtype}{list(a.shape)} @ {b.dtype}{list(b.shape)}")
+        if beta:
+            return _add_into(out, cupy.matmul(a, b), beta)
+        return cupy.matmul(a, b, out=out)
     m, k = a.shape
+    if b.shape[0] != k:
+        raise ValueError(f"matmul: a is {m}x{k} but b is {b.shape[0]}x{b.shape[1]}; the inner "
+                         "sizes must match")
     n = b.shape[1]
+    if max(m, n, k) >= 2 ** 31:  # cuBLAS's int sizes (the _64 entry points are not bound)
+        raise ValueError(f"matmul sizes must be below 2**31, got {m}x{k} @ {k}x{n}")
     if out is None:
         out = cupy.empty((m, n), dtype=a.dtype)
-    # Row-major C = A @ B is column-major C^T = B^T A^T: cuBLAS gets B first. A C-contiguous
-    # operand is already its own transpose in column-major terms; an F-contiguous one (a .T view)
-    # is passed with the transpose flag.
+    elif out.shape != (m, n) or out.dtype != a.dtype:
+        raise ValueError(f"out must be a {m}x{n} array of {a.dtype}, got {out.dtype}{list(out.shape)}")
+    # cuBLAS writes C-order rows into memory that no operand may share: otherwise compute into
+    # a fresh buffer (holding out's old values when beta adds to them), then copy in.
+    if not out.flags.c_contiguous or _overlap(out, a) or _overlap(out, b):
+        out[...] = matmul(a, b, None) if not beta else matmul(a, b, out.copy(), beta)
+        return out
+    if m == 0 or n == 0:
+        return out
+    if k == 0:  # an empty sum: cuBLAS would be handed a leading dimension of 0
+        if beta:
+            out *= beta
+        else:
+            out.fill(0)
+        return out
     a, b = (v if v.flags.c_contiguous or v.flags.f_contiguous else cupy.ascontiguousarray(v)
             for v in (a, b))
-    op_b, ld_b = (cublas.CUBLAS_OP_N, n) if b.flags.c_contiguous else (cublas.CUBLAS_OP_T, k)
-    op_a, ld_a = (cublas.CUBLAS_OP_N, k) if a.flags.c_contiguous else (cublas.CUBLAS_OP_T, m)
-    handle, _ = _cublas_handle(a.device.id)
-    cublas.setStream(handle, cupy.cuda.get_current_stream().ptr)
-    cublas.setPointerMode(handle, cublas.CUBLAS_POINTER_MODE_HOST)
-    dtype = np.dtype(a.dtype)
-    if dtype in _ONE:
-        gemm = cublas.sgemm if dtype == np.float32 else cublas.dgemm
-        gemm(handle, op_b, op_a, n, m, k, _ONE[dtype].ctypes.data, b.data.ptr, ld_b, a.data.ptr,
-             ld_a, _ZERO[dtype].ctypes.data, out.data.ptr, n)
-    else:  # half precision: float32 accumulation
-        data_type = _CUDA_DATA_TYPE.get(dtype, 14)
-        one, zero = _ONE[np.dtype(np.float32)], _ZERO[np.dtype(np.float32)]
-        cublas.gemmEx(handle, op_b, op_a, n, m, k, one.ctypes.data, b.data.ptr, data_type, ld_b,
-                      a.data.ptr, data_type, ld_a, zero.ctypes.data, out.data.ptr, data_type, n,
-                      _CUBLAS_COMPUTE_32F, -1)
+    op_b, op_a, ld_b, ld_a, ld_c = gemm_arguments(m, n, k, a.flags.c_contiguous, b.flags.c_contiguous)
+    device = a.device.id
+    if b.device.id != device or out.device.id != device:
+        raise ValueError(f"matmul operands must be on one GPU, got cuda:{device}, "
+                         f"cuda:{b.device.id} and out on cuda:{out.device.id}")
+    gemm_kind, data_type = kind
+    # A handle belongs to the device that was current when it was made.
+    with contextlib.nullcontext() if cupy.cuda.runtime.getDevice() == device else a.device:
+        handle = cublas_on_stream(device)
+        handle.gemm(gemm_kind, op_b, op_a, n, m, k, 1.0, b.data.ptr, ld_b, a.data.ptr, ld_a,
+                    float(beta), out.data.ptr, ld_c, data_type)
     return out
+
+
+def gemm_arguments(m: int, n: int, k: int, a_is_c_order: bool, b_is_c_order: bool) -> tuple:
+    """(op_b, op_a, ld_b, ld_a, ld_c) for row-major C (m x n) = A (m x k) @ B (k x n), each of
+    A and B in C order or else in F order (a transposed view), C in C order.
+
+    cuBLAS is column-major, and row-major C = A @ B is column-major C^T = B^T A^T, so cuBLAS is
+    handed B first. A C-order operand read column-major is already its transpose (no flag); an
+    F-order one is the matrix itself and goes with the transpose flag.
+    """
+    op_b, ld_b = (cublas.OP_N, n) if b_is_c_order else (cublas.OP_T, k)
+    op_a, ld_a = (cublas.OP_N, k) if a_is_c_order else (cublas.OP_T, m)
+    return op_b, op_a, ld_b, ld_a, n
+
+
+def _add_into(out, value, beta):
+    out *= beta
+    out += value
+    return out
+
+
+def _overlap(x, y) -> bool:
+    """Whether the memory spans of two arrays intersect (by address range: conservative)."""
+    if x.size == 0 or y.size == 0:
+        return False
+    def span(v):
+        low = high = v.data.ptr
+        for extent, stride in zip(v.shape, v.strides):
+            reach = (extent - 1) * stride
+            low, high = (low + reach, high) if stride < 0 else (low, high + reach)
+        return low, high + v.itemsize
+    (a0, a1), (b0, b1) = span(x), span(y)
+    return a0 < b1 and b0 < a1

@@ -1,0 +1,143 @@
+"""The markdown report of one run's results (the dict that is also written as JSON)."""
+
+from __future__ import annotations
+
+from .common import CONTENDERS, RATIOS
+
+
+def format_report(result: dict) -> str:
+    s = result["settings"]
+    models = result["results"]
+    lines = [f"## One training epoch, {s['data']} ({s['n_train']} images, batch {s['batch_size']}, "
+             f"{s['steps_per_epoch']} steps), device {s['device']}, median of {s['repeats']} "
+             f"rounds after 1 warm-up", "", _machine_line(result), ""]
+    for label, m in models.items():
+        floor = m["contenders"].get("floor", {}).get("median")
+        lines += [f"### {label}", "",
+                  "| contender | median s/epoch | min s | µs/step | × GEMM floor | train acc |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for entry in m["contenders"].values():
+            med = entry.get("median")
+            if med is None:
+                lines.append(f"| {entry['name']} | {entry['status']} | | | | |")
+                continue
+            acc = entry.get("train_accuracy")
+            cells = [entry["name"], f"{med:.3f}", f"{entry['min']:.3f}",
+                     f"{med / m['steps_per_epoch'] * 1e6:.0f}",
+                     f"{med / floor:.2f}" if floor else "–",
+                     "–" if acc is None else f"{acc:.2%}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Ratios (median / median)", "",
+              "| ratio | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for key, a, b in RATIOS:
+        cells = [models[label]["ratios"].get(key) for label in models]
+        if any(c is not None for c in cells):
+            lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | "
+                         + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    lines += ["", "### Ratios within each round (median over rounds, and min–max)", "",
+              "| ratio | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
+    for key, a, b in RATIOS:
+        cells = [models[label].get("ratios_within_rounds", {}).get(key) for label in models]
+        if any(c is not None for c in cells):
+            lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | " + " | ".join(
+                "–" if c is None else f"{c['median']:.2f} ({c['min']:.2f}–{c['max']:.2f})"
+                for c in cells) + " |")
+    rows = next(iter(models.values()))["accuracy_rows"]
+    lines += ["", f"train acc: accuracy on the first {rows} training images after the epochs "
+              "each contender ran, a check that all of them train (the GEMM floors train "
+              "nothing)."]
+
+    t98 = result.get("time_to_98")
+    if t98 and "epochs" in t98:
+        c = t98["config"]
+        lines += ["", f"### Time to 98% test accuracy, default recipe (784-"
+                      f"{'-'.join(map(str, c['hidden']))}-10, {c['optimizer']} lr {c['lr']} "
+                      f"{c['schedule']}, momentum {c['momentum']}, batch {c['batch_size']}, "
+                      f"{c['epochs']} epochs max)", ""]
+        if t98["reached"]:
+            lines.append(f"98% reached after {t98['epochs_to_98']} epochs: "
+                         f"**{t98['seconds_to_98']:.1f} s** of training")
+        else:
+            lines.append(f"98% not reached in {len(t98['epochs'])} epochs; best test accuracy "
+                         f"{t98['best_test_accuracy']:.2%}")
+        lines += ["", "| epoch | train s | cumulative s | test acc |", "|---:|---:|---:|---:|"]
+        lines += [f"| {e['epoch']} | {e['seconds']:.2f} | {e['cumulative_seconds']:.2f} | "
+                  f"{e['test_accuracy']:.2%} |" for e in t98["epochs"]]
+    elif t98:
+        lines += ["", f"Time to 98%: {t98.get('skipped') or t98.get('error')}"]
+
+    gpu = result.get("gpu")
+    if gpu:
+        lines += _format_gpu(gpu)
+    return "\n".join(lines)
+
+
+def _machine_line(result: dict) -> str:
+    m, v, t = result["machine"], result["versions"], result["threads"]
+    blas = t.get("numpy_blas")
+    blas = f"{blas.get('name')} {blas.get('version')}" if isinstance(blas, dict) else "BLAS ?"
+    torch = f"torch {v['torch']} ({t['torch_num_threads']} threads)" \
+        if "torch_num_threads" in t else "no torch"
+    load = m.get("load_average_at_start")
+    load = f"; load average {load[0]:.2f} at start" if load else ""
+    return (f"{m.get('cpu_model') or m.get('processor') or m['machine']}, {m['cpu_count']} CPUs; "
+            f"python {v['python']}, numpy {v['numpy']} ({blas}), {torch}{load}")
+
+
+def _format_gpu(gpu: dict) -> list:
+    lines = ["", "### Launch overhead (GPU)", ""]
+    launch = gpu.get("empty_launch", {})
+    if "seconds" in launch:
+        lines.append(f"empty kernel launch (CuPy RawKernel, host side): "
+                     f"{launch['seconds'] * 1e6:.2f} µs")
+    else:
+        lines.append(f"empty kernel launch: {launch.get('error')}")
+    rows = [(label, CONTENDERS[k], v) for label, d in gpu.get("launch_floor", {}).items()
+            for k, v in d.items()]
+    if rows:
+        lines += ["", "| model | contender | kernels/step | device ops/step | launch floor s/epoch "
+                      "| median s/epoch | median / floor |", "|---|---|---:|---:|---:|---:|---:|"]
+        for label, name, v in rows:
+            ratio = v["median_over_launch_floor"]
+            lines.append(f"| {label} | {name} | {v['kernels_per_step']:.1f} | "
+                         f"{v['device_ops_per_step']:.1f} | {v['launch_floor_seconds']:.4f} | "
+                         f"{v['median_seconds'] or 0:.4f} | "
+                         f"{'–' if ratio is None else f'{ratio:.2f}'} |")
+    ce = gpu.get("cross_entropy", {})
+    if "rows" in ce:
+        bw = ce.get("copy_bandwidth", {})
+        lines += ["", "### Fused cross-entropy forward+backward (GPU)", "",
+                  "device-to-device copy: " + (f"{bw['gb_per_s']:.0f} GB/s (read + write of "
+                                               f"{bw['bytes'] / 2 ** 31:g} GiB)"
+                                               if "gb_per_s" in bw else str(bw.get("error"))), "",
+                  "| shape | dtype | gpunet µs | gpunet GB/s | torch F.cross_entropy µs "
+                  "| torch GB/s |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for r in ce["rows"]:
+            g, t = r.get("gpunet", {}), r.get("torch", {})
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['dtype']} | "
+                         f"{_cell(g, 'seconds', 1e6)} | {_cell(g, 'gb_per_s')} | "
+                         f"{_cell(t, 'seconds', 1e6)} | {_cell(t, 'gb_per_s')} |")
+        launches = ce.get("launches_128x10", {})
+        if "per_call" in launches:
+            p = launches["per_call"]
+            lines.append(f"\nfused CE at (128, 10): {p['kernels']:.1f} kernels, "
+                         f"{p['memcpy'] + p['memset']:.1f} memcpy/memset per call")
+        lines.append("GB/s counts the logits read once, the gradient written once and the labels, "
+                     "for both; torch also writes its log-softmax.")
+    elif ce:
+        lines.append(f"\ncross-entropy benchmark: {ce.get('error')}")
+    return lines
+
+
+def _cell(d, key, scale=1.0):
+    if not d or key not in d:
+        return (d or {}).get("error", "–")[:40] if d else "–"
+    return f"{d[key] * scale:.1f}"
+
+
+def _fmt_kernel(d) -> str:
+    if not d:
+        return "–"
+    return f"{d['seconds'] * 1e6:.1f} µs" if "seconds" in d else d.get("error", "?")
