@@ -136,7 +136,7 @@ class Optimizer:
     def step(self) -> None:
         """One update of every parameter from its ``.grad``, in place."""
         flat = self._flat
-        if flat.check or not flat.usable:  # one attribute test per step in the usual case
+        if flat.check or flat.moved or flat.taken_by is not None:  # three attribute tests
             self._follow_parameters()
         self.step_count += 1
         if is_cuda_array(self.data):
