@@ -379,19 +379,22 @@ def test_moving_part_of_the_model_fails_at_step_saying_so(rng):
 
 @pytest.mark.cuda
 def test_model_to_cuda_after_the_optimizer(rng):
-    import cupy
+    """Built on the CPU, moved to the GPU, stepped there: the buffers followed the model."""
+    from gpunet.backend import get_device, is_cuda_array
 
+    xp = get_device("cuda").xp
     model = L.mlp([4, 3], rng=rng)
     opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     model.to("cuda")
-    x, dy = (cupy.asarray(a.astype(np.float32)) for a in batch(rng, (4, 3)))
+    x, dy = (xp.asarray(a.astype(np.float32)) for a in batch(rng, (4, 3)))
     model(x)
     model.backward(dy, input_grad=False)
-    expected = to_numpy(cupy.concatenate([(p.data - 0.1 * p.grad).ravel()
-                                          for p in model.parameters()]))
-    opt.step()
-    assert isinstance(opt.data, cupy.ndarray)
-    np.testing.assert_allclose(to_numpy(opt.data), expected, rtol=1e-6)
+    expected = np.concatenate([to_numpy(p.data - 0.1 * p.grad).ravel() for p in model.parameters()])
+    opt.step()  # the first momentum step: buf = g, p -= lr * g
+    assert is_cuda_array(opt.data) and is_cuda_array(opt.state["momentum_buffer"])
+    np.testing.assert_allclose(to_numpy(opt.data), expected, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match=r"'0.weight'.grad must be on cuda:\d+, got an array on cpu"):
+        model[0].weight.grad = np.zeros((4, 3), np.float32)
 
 
 def test_two_optimizers_over_the_same_parameters_share_them(rng):
