@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 
-from gpunet.trainer import DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig, fit
+from gpunet.trainer import DEFAULT_LR, DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig
+
+# Exit statuses besides 0 (success), 1 (an error, one line on stderr) and 2 (a bad flag):
+FAILED_RUN = 3        # the run finished, but its last epoch looks failed (see the warning)
+INTERRUPTED = 130     # SIGINT (Ctrl-C), as a shell reports it
+TERMINATED = 143      # SIGTERM
+BROKEN_PIPE = 141     # stdout's reader went away, as a process killed by SIGPIPE reports it
 
 DEFAULTS = TrainConfig.__dataclass_fields__
 
@@ -59,6 +67,12 @@ def hidden_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def path(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def _parse(kind, text, expected):
     try:
         return kind(text)
@@ -68,30 +82,38 @@ def _parse(kind, text, expected):
 
 def build_parser() -> argparse.ArgumentParser:
     d = {name: f.default for name, f in DEFAULTS.items()}
-    p = Parser(prog="train.py", description="Train an MLP on MNIST with gpunet.")
+    p = Parser(prog="train.py", description="Train an MLP on MNIST with gpunet.",
+               epilog=f"exit status: 0 done, 1 an error (one line on stderr), 2 a bad flag, "
+                      f"{FAILED_RUN} done but the last epoch looks failed, {INTERRUPTED} Ctrl-C, "
+                      f"{TERMINATED} SIGTERM, {BROKEN_PIPE} stdout closed; an interrupted run "
+                      "says what its --save file holds")
     # Every default is None here so that --resume can tell the flags you gave from the ones you
     # did not: those come from the checkpoint, then from TrainConfig.
     add = p.add_argument
     add("--device", help=f"auto, cpu, cuda or cuda:N (default {d['device']})")
     add("--epochs", type=non_negative_int, help=f"total epochs (default {d['epochs']})")
     add("--batch-size", type=positive_int, help=f"(default {d['batch_size']})")
-    add("--lr", type=positive_float, help=f"peak learning rate (default {d['lr']})")
+    rates = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
+    add("--lr", type=positive_float, help=f"peak learning rate (default {rates})")
     add("--optimizer", choices=OPTIMIZERS, help=f"(default {d['optimizer']})")
-    add("--momentum", type=non_negative_float, help=f"SGD momentum, Nesterov (default {d['momentum']})")
+    add("--momentum", type=non_negative_float, help=f"SGD momentum (default {d['momentum']})")
+    add("--nesterov", action="store_true", default=None, help="Nesterov momentum for SGD")
     add("--weight-decay", type=non_negative_float, help=f"(default {d['weight_decay']})")
     add("--hidden", type=hidden_sizes, help="hidden layer widths, e.g. 256 or 512,256 "
                                             f"(default {','.join(map(str, d['hidden']))})")
     add("--activation", choices=("relu", "tanh", "sigmoid"), help=f"(default {d['activation']})")
     add("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d['schedule']})")
+    add("--schedule-epochs", type=positive_int,
+        help="epochs the schedule spans (default: --epochs; with --resume: the saved span)")
     add("--warmup-epochs", type=non_negative_float, help=f"linear warm-up (default {d['warmup_epochs']})")
     add("--label-smoothing", type=non_negative_float, help=f"(default {d['label_smoothing']})")
     add("--seed", type=non_negative_int, help=f"(default {d['seed']})")
-    add("--data-dir", help="folder with the MNIST files (default $GPUNET_DATA, else data/)")
+    add("--data-dir", type=path, help="folder with the MNIST files (default $GPUNET_DATA, else data/)")
     add("--val-size", type=non_negative_int, help=f"validation images held out (default {d['val_size']})")
     add("--dtype", choices=DTYPES, help=f"(default {d['dtype']})")
-    add("--save", metavar="PATH", help="write a checkpoint (.npz) after every epoch")
-    add("--resume", metavar="PATH", help="continue from a checkpoint up to --epochs in all")
-    add("--metrics-json", metavar="PATH", help="write the run's metrics as JSON at the end")
+    add("--save", type=path, metavar="PATH", help="write a checkpoint (.npz) after every epoch")
+    add("--resume", type=path, metavar="PATH", help="continue from a checkpoint up to --epochs in all")
+    add("--metrics-json", type=path, metavar="PATH", help="write the run's metrics as JSON at the end")
     add("--no-progress", dest="progress", action="store_false", default=None,
         help="no progress bar (it is off anyway when stdout is not a terminal)")
     add("--no-cuda-graph", dest="cuda_graph", action="store_false", default=None,
@@ -107,28 +129,75 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = checkpoint.load(args.resume, meta_only=True)["meta"]["config"]
         saved = {k: v for k, v in saved.items() if k in DEFAULTS and k not in ("save", "resume",
                                                                                "metrics_json")}
+        try:
+            TrainConfig(**saved)
+        except (ValueError, TypeError) as exc:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {args.resume}: meta key 'config' holds an invalid setting: {exc}"
+            ) from None
         given = {**saved, **given}
     return TrainConfig(**given)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every cleanup on the way out runs: an
+    interrupted checkpoint write removes its temporary file and leaves the last one in place."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _where(trainer) -> str:
+    """When the run stopped and what its --save file holds, for a run cut short."""
+    if trainer is None:
+        return "before training started; nothing was written"
+    if trainer.saving:
+        at = f"while saving the checkpoint of epoch {trainer.epoch}"
+    elif trainer.in_epoch:
+        at = f"during epoch {trainer.epoch + 1} of {trainer.config.epochs}"
+    elif trainer.epoch == 0:
+        at = "before the first epoch"
+    else:
+        at = f"after epoch {trainer.epoch} of {trainer.config.epochs}"
+    return f"{at}; {trainer.checkpoint_note()}"
 
 
 def main(argv=None) -> int:
     from gpunet.backend import DeviceError
     from gpunet.checkpoint import CheckpointError
     from gpunet.datasets import DatasetError
-    from gpunet.trainer import TrainingDiverged
+    from gpunet.trainer import Trainer, TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    trainer = None
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        fit(config_from_args(args))
-    except (ValueError, TypeError, OSError, DatasetError, DeviceError, CheckpointError,
-            TrainingDiverged) as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
+        trainer = Trainer(config_from_args(args))
+        metrics = trainer.fit()
+    except BrokenPipeError:
+        # stdout's reader went away (``| head``). Stop as a SIGPIPE would, saying on stderr what
+        # was saved, and point stdout at /dev/null so the interpreter's last flush cannot fail.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass  # stdout is no file descriptor (a test's capture): nothing will flush it
+        try:
+            print(f"train.py: stdout was closed (broken pipe) {_where(trainer)}", file=sys.stderr)
+        except OSError:
+            pass  # stderr went with it (2>&1 | head)
+        return BROKEN_PIPE
+    except (ValueError, TypeError, OSError, MemoryError, DatasetError, DeviceError,
+            CheckpointError, TrainingDiverged) as exc:
+        print(f"train.py: error: {exc or type(exc).__name__}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        saved = f"; the last checkpoint is {args.save}" if args.save else ""
-        print(f"train.py: interrupted{saved}", file=sys.stderr)
-        return 130
-    return 0
+    except KeyboardInterrupt as exc:
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"train.py: {how} {_where(trainer)}", file=sys.stderr)
+        return TERMINATED if isinstance(exc, Terminated) else INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return FAILED_RUN if metrics["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -45,11 +45,21 @@ SHA256 = {
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
 
+# The decompressed size of each, which bounds what is read from a file that claims to be it.
+SIZES = {
+    "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60000,
+    "t10k-images-idx3-ubyte": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10000,
+}
+
 DOWNLOAD_TIMEOUT_S = 30
 IMAGE_SHAPE = (28, 28)
 _IDX = {"images": (2051, 16), "labels": (2049, 8)}  # kind -> (magic number, header bytes)
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
+_FILES_TEXT = ("the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+               "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each gzipped (.gz) or raw")
 _HINT = ("point at a folder holding the MNIST files with --data-dir DIR "
          "or the GPUNET_DATA environment variable")
 
@@ -68,6 +78,13 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
     downloaded files are always verified, since nothing unverified may land under a final name.
     """
     folder = resolve_root(root)
+    given = _given_as(root)
+    if given and not folder.is_dir():
+        # A folder that was named explicitly and is not there is a mistake to report, not a place
+        # to create and download into; only the project's own data/ is made on demand.
+        what = "does not exist" if not folder.exists() else "is not a folder"
+        raise DatasetError(f"the data folder {folder} ({given}) {what}, so nothing was created or "
+                           f"downloaded; {_HINT}: one holding {_FILES_TEXT}.")
     found = {name: _find(folder, name) for name in SHA256}
     missing = [name for name, path in found.items() if path is None]
     if missing and not download:
@@ -105,6 +122,22 @@ def resolve_root(root: str | os.PathLike | None = None) -> Path:
     return Path(env).expanduser() if env else DEFAULT_ROOT
 
 
+def _given_as(root) -> str | None:
+    """How the data folder was named explicitly (an argument, or GPUNET_DATA), or None for the default."""
+    if root is not None:
+        return "given explicitly"
+    if os.environ.get("GPUNET_DATA"):
+        return f"from GPUNET_DATA={os.environ['GPUNET_DATA']}"
+    return None
+
+
+def mnist_files(root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The MNIST files present in the data folder, by name (those missing are left out)."""
+    folder = resolve_root(root)
+    found = {name: _find(folder, name) for name in SHA256}
+    return {name: path for name, path in found.items() if path is not None}
+
+
 def mnist_available(root: str | os.PathLike | None = None) -> bool:
     """Whether all four MNIST files are in the data folder (gzipped or raw, under any accepted name)."""
     folder = resolve_root(root)
@@ -131,7 +164,7 @@ def _kind(name: str) -> str:
 def _load_file(path: Path, name: str, verify: bool) -> np.ndarray:
     """Read, decompress, parse and (if asked) verify one file already in the data folder."""
     try:
-        data = _read_idx_bytes(path, source=str(path))
+        data = _read_idx_bytes(path, source=str(path), kind=_kind(name), name=name if verify else None)
     except OSError as exc:
         raise DatasetError(f"{path}: cannot be read: {exc.strerror or exc}.") from exc
     array = parse_idx(data, kind=_kind(name), source=str(path))
@@ -145,43 +178,95 @@ def _load_file(path: Path, name: str, verify: bool) -> np.ndarray:
 # --- Parsing ---------------------------------------------------------------------------------
 
 
-def _read_idx_bytes(path: Path, *, source: str) -> bytearray:
-    """The IDX bytes of a file, decompressed if it is gzip.
+def _read_idx_bytes(path: Path, *, source: str, kind: str, name: str | None = None) -> bytearray:
+    """The IDX bytes of a file, decompressed if it is gzip, and never more than its header says.
 
     Gzip is recognised by its magic bytes rather than by the name, so a raw file named ``.gz`` or a
     gzip file without the suffix still loads. A bytearray lets the parsed arrays be writable views
-    of it instead of 47 MB copies.
+    of it instead of 47 MB copies. The header is read first: a raw file longer than it declares
+    (a 1 TiB sparse file, say) is refused from its size alone, and decompression stops one byte
+    past the declared size (a gzip bomb inflates no further than that). With ``name`` the header
+    must also declare the size of the published MNIST file, which bounds the read for any header.
     """
     with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
+        head = f.read(16)
+        f.seek(0)
+        if head[:2] == _GZIP_MAGIC:
+            return _gunzip(f, source=source, kind=kind, name=name)
+        size = os.fstat(f.fileno()).st_size
+        declared = _declared_size(head, kind, source, name)
+        if declared is None:  # not an IDX header of this kind: parse_idx says what it is
+            return bytearray(f.read(1024))
+        count, expected = declared
+        if size > expected:
+            raise DatasetError(f"{source}: the header says {count} {kind}, which is {expected} "
+                               f"bytes, but there are {size} bytes ({size - expected} trailing bytes).")
+        data = bytearray(size)
         f.readinto(data)
-    return _gunzip(data, source=source) if data[:2] == _GZIP_MAGIC else data
+    return data
 
 
-def _gunzip(data: bytearray, *, source: str) -> bytearray:
-    """Decompress every gzip member in ``data`` into one bytearray.
+def _declared_size(head: bytes, kind: str, source: str, name: str | None) -> tuple[int, int] | None:
+    """(count, total bytes) that an IDX header of ``kind`` declares, or None if ``head`` is no
+    such header; with ``name``, a count other than the published file's is a DatasetError."""
+    magic, header_size = _IDX[kind]
+    if len(head) < header_size or struct.unpack_from(">I", head)[0] != magic:
+        return None
+    count = struct.unpack_from(">I", head, 4)[0]
+    # The header's own image size, so that parse_idx can name a wrong one (28x29, say).
+    rows, cols = struct.unpack_from(">II", head, 8) if kind == "images" else (1, 1)
+    item_size = rows * cols
+    expected = header_size + count * item_size
+    if name is not None and name in SIZES and expected != SIZES[name]:
+        published = (SIZES[name] - header_size) // item_size
+        raise DatasetError(f"{source}: the header says {count} {kind}, but the published MNIST "
+                           f"{name} has {published}; the file is damaged or not MNIST.")
+    return count, expected
+
+
+def _gunzip(f, *, source: str, kind: str, name: str | None) -> bytearray:
+    """Decompress every gzip member read from ``f`` into one bytearray, stopping one byte past
+    the size that the decompressed IDX header declares.
 
     Feeding the input in chunks keeps a single growing output buffer, where ``gzip.decompress``
     would return immutable bytes that need one more full copy to become writable.
     """
     out = bytearray()
-    view = memoryview(data)
-    start = 0
-    while start < len(view):  # one pass per gzip member (pigz and friends may write several)
-        inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-        end = start
-        try:
-            while not inflater.eof and end < len(view):
-                chunk = view[end:end + _CHUNK]
-                end += len(chunk)
-                out += inflater.decompress(chunk)
-        except zlib.error as exc:
-            raise DatasetError(f"{source}: the gzip data is corrupt ({exc}); "
-                               f"expected a valid gzip stream.") from exc
-        if not inflater.eof:
-            raise DatasetError(f"{source}: the gzip stream ends early after {len(data)} bytes "
-                               f"(a truncated file or an interrupted download).")
-        start = end - len(inflater.unused_data)
+    header_size = _IDX[kind][1]
+    limit = None          # the declared size, once the header has been decompressed
+    inflater = None       # None between gzip members (pigz and friends may write several)
+    pending = b""
+    read = 0
+    try:
+        while True:
+            if not pending:
+                pending = f.read(_CHUNK)
+                read += len(pending)
+                if not pending:
+                    break
+            if inflater is None:
+                inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+            room = _CHUNK * 4 if limit is None else limit - len(out) + 1
+            out += inflater.decompress(pending, room)
+            pending = inflater.unconsumed_tail
+            if inflater.eof:
+                pending, inflater = inflater.unused_data, None
+            if limit is None and len(out) >= header_size:
+                declared = _declared_size(bytes(out[:header_size]), kind, source, name)
+                if declared is None:  # not IDX: parse_idx names what it is from the start
+                    return out
+                count, limit = declared
+            if limit is not None and len(out) > limit:
+                raise DatasetError(
+                    f"{source}: the header says {count} {kind}, which is {limit} bytes, but the "
+                    f"gzip data decompresses to more; stopped reading there (a damaged file, or "
+                    f"a gzip bomb).")
+    except zlib.error as exc:
+        raise DatasetError(f"{source}: the gzip data is corrupt ({exc}); "
+                           f"expected a valid gzip stream.") from exc
+    if inflater is not None:
+        raise DatasetError(f"{source}: the gzip stream ends early after {read} bytes "
+                           f"(a truncated file or an interrupted download).")
     return out
 
 
@@ -267,6 +352,8 @@ def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
     that the next run would trust.
     """
     final = folder / f"{name}.gz"
+    for stale in folder.glob(f"{final.name}.{'?' * 8}.part"):  # left by a download killed -9
+        stale.unlink(missing_ok=True)
     failures = []
     for mirror in MIRRORS:
         url = f"{mirror}{name}.gz"
@@ -306,7 +393,7 @@ def _fetch(url: str, part: Path, name: str) -> np.ndarray:
     """Download ``url`` into ``part`` and return its parsed array once it verified."""
     with _urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
         shutil.copyfileobj(response, out, _CHUNK)
-    data = _read_idx_bytes(part, source=url)
+    data = _read_idx_bytes(part, source=url, kind=_kind(name), name=name)
     array = parse_idx(data, kind=_kind(name), source=url)
     problem = _checksum_problem(data, name)
     if problem:

@@ -11,6 +11,7 @@ Run ``python -m gpunet.gradcheck --device cpu`` to check every layer and loss an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
@@ -168,20 +169,45 @@ def run_all(device="cpu", dtype=np.float64, seed: int = 0) -> list[tuple[str, st
     return rows
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not usage plus a message
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gpunet.gradcheck",
-                                     description="Check every gpunet layer and loss against "
-                                                 "central differences.")
+    parser = _Parser(prog="python -m gpunet.gradcheck",
+                     description="Check every gpunet layer and loss against central differences.")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_seed, default=0, help="an integer >= 0 (default 0)")
     args = parser.parse_args(argv)
     try:
         device = get_device(args.device)
     except (DeviceError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    dtype = np.dtype(args.dtype)
+    try:
+        return _report(device, np.dtype(args.dtype), args.seed)
+    except BrokenPipeError:
+        # The reader went away (``| head``): that is not an error of the check. Point stdout at
+        # /dev/null so that the interpreter's final flush does not fail a second time, and exit
+        # as a process killed by SIGPIPE would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + 13
+
+
+def _report(device, dtype, seed: int) -> int:
     tolerance = TOLERANCE if dtype == np.float64 else FLOAT32_TOLERANCE
     if dtype != np.float64:
         print(f"warning: checking in {dtype}: central differences cannot resolve errors near 1e-6 "
@@ -189,7 +215,7 @@ def main(argv=None) -> int:
               "Use float64 (the default) for a real check.", file=sys.stderr)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rows = run_all(device, dtype, args.seed)
+        rows = run_all(device, dtype, seed)
     width = max(len(name) for name, _, _ in rows)
     print(f"gradient check on {device.describe()}, {dtype}, tolerance {tolerance:g}")
     print(f"{'case':<{width}}  {'wrt':<8}  {'rel. error':>10}  ok")
@@ -199,6 +225,7 @@ def main(argv=None) -> int:
         failed += not ok
         print(f"{name:<{width}}  {which:<8}  {err:>10.2e}  {'yes' if ok else 'NO'}")
     print(f"{len(rows) - failed} of {len(rows)} below {tolerance:g}")
+    sys.stdout.flush()  # a closed pipe shows here, inside main, not at interpreter exit
     return 1 if failed else 0
 
 

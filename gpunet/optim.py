@@ -189,15 +189,24 @@ class Optimizer:
         captured CUDA graph, which passes ``lr_table`` and ``counters`` so that the rate and
         the step count are read on the device (see gpunet.graph). Without a fused kernel of
         its own, an optimizer runs its ``_update`` on cupy arrays (not under capture)."""
-        if lr_table is not None:
-            raise NotImplementedError(f"{type(self).__name__} has no fused CUDA update that a "
-                                      "captured graph can replay")
-        self._update()
+        if not self.fused_device_update:
+            if lr_table is not None:
+                raise NotImplementedError(f"{type(self).__name__} has no fused CUDA update that "
+                                          "a captured graph can replay")
+            self._update()
+            return
+        from .kernels import cuda as cuda_kernels
+        cuda_kernels.optimizer_update(*self.fused_rule(), lr_table, counters)
 
     @property
     def fused_device_update(self) -> bool:
         """Whether ``device_update`` is one fused kernel that a captured graph can replay."""
         return False
+
+    def fused_rule(self) -> tuple:
+        """(rule, buffers, numbers) of the fused kernel that runs this optimizer's update, for
+        ``kernels.cuda.optimizer_update``; only where ``fused_device_update`` is true."""
+        raise NotImplementedError
 
     def _is_own_rule(self, cls) -> bool:
         """Whether this optimizer's rule is ``cls``'s own, not a subclass's override: only then
@@ -282,15 +291,12 @@ class SGD(Optimizer):
     def fused_device_update(self) -> bool:
         return self._is_own_rule(SGD)
 
-    def device_update(self, lr_table=None, counters=None) -> None:
-        if not self._is_own_rule(SGD):
-            return super().device_update(lr_table, counters)
-        from .kernels import cuda as cuda_kernels
-        cuda_kernels.sgd_update(
-            self.data, self.grad, self.state.get("momentum_buffer", self._scratch), lr=self.lr,
-            momentum=self.momentum, dampening=self.dampening, weight_decay=self.weight_decay,
-            nesterov=self.nesterov, steps_taken=self.step_count - 1, lr_table=lr_table,
-            counters=counters)
+    def fused_rule(self) -> tuple:
+        buf = self.state.get("momentum_buffer", self._scratch)  # unused without momentum
+        return "sgd", (self.data, self.grad, buf), {
+            "lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
+            "weight_decay": self.weight_decay, "nesterov": self.nesterov,
+            "steps_taken": self.step_count - 1}  # step() counted this one already
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr, "momentum": self.momentum, "dampening": self.dampening,
@@ -402,15 +408,11 @@ class Adam(Optimizer):
     def fused_device_update(self) -> bool:
         return self._is_own_rule(Adam)
 
-    def device_update(self, lr_table=None, counters=None) -> None:
-        if not self._is_own_rule(Adam):
-            return super().device_update(lr_table, counters)
-        from .kernels import cuda as cuda_kernels
+    def fused_rule(self) -> tuple:
         b1, b2 = self.betas
-        cuda_kernels.adam_update(
-            self.data, self.grad, self.state["exp_avg"], self.state["exp_avg_sq"], lr=self.lr,
-            b1=b1, b2=b2, eps=self.eps, weight_decay=self.weight_decay, decoupled=self.decoupled,
-            steps_taken=self.step_count - 1, lr_table=lr_table, counters=counters)
+        return "adam", (self.data, self.grad, self.state["exp_avg"], self.state["exp_avg_sq"]), {
+            "lr": self.lr, "b1": b1, "b2": b2, "eps": self.eps, "weight_decay": self.weight_decay,
+            "decoupled": self.decoupled, "steps_taken": self.step_count - 1}
 
     def hyperparameters(self) -> dict:
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps,

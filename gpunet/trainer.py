@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from . import checkpoint, layers, losses, optim
 from .backend import (get_array_module, get_device, manual_seed, resolve_dtype, take_rows,
                       to_device, to_numpy)
-from .datasets import load_mnist
+from .datasets import load_mnist, mnist_files, resolve_root
 from .functional import count_correct, softmax_cross_entropy
 
 NUM_CLASSES = 10
@@ -41,7 +42,7 @@ class TrainConfig:
     device: str = "auto"
     epochs: int = 6
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float | None = None  # None: the optimizer's usual rate, DEFAULT_LR (as in PyTorch)
     optimizer: str = "sgd"
     momentum: float = 0.9
     nesterov: bool = False
@@ -49,6 +50,9 @@ class TrainConfig:
     hidden: tuple[int, ...] = (512,)
     activation: str = "relu"
     schedule: str = "cosine"
+    # The epochs the schedule spans (PyTorch's T_max, in epochs); None: the whole run. A resumed
+    # run keeps the saved span unless this is given (see Trainer._check_schedule).
+    schedule_epochs: int | None = None
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.1
     seed: int = 0
@@ -63,8 +67,19 @@ class TrainConfig:
     cuda_graph: bool = True  # capture the training step as a CUDA graph (GPU only)
 
     def __post_init__(self):
-        self.hidden = tuple(self.hidden)
+        if isinstance(self.hidden, (list, tuple)):
+            self.hidden = tuple(self.hidden)
+        # Whether lr came from DEFAULT_LR rather than from the caller (not a field: it is not
+        # part of the run's identity, and a resumed run reads back the rate as a given one).
+        self.lr_is_default = self.lr is None and self.optimizer in DEFAULT_LR
+        if self.lr_is_default:
+            self.lr = DEFAULT_LR[self.optimizer]
         self.validate()
+
+    @property
+    def schedule_horizon(self) -> int:
+        """The epochs the learning-rate schedule spans."""
+        return self.epochs if self.schedule_epochs is None else self.schedule_epochs
 
     def validate(self) -> None:
         """Raise ValueError naming the setting for anything out of range."""
@@ -75,14 +90,19 @@ class TrainConfig:
 
         def number(name, low, high=math.inf, low_open=False):
             value = getattr(self, name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) \
-                and math.isfinite(value) and (value > low if low_open else value >= low) \
-                and value < high
+            ok = isinstance(value, (int, float, np.integer, np.floating)) \
+                and not isinstance(value, bool) and math.isfinite(value) \
+                and (value > low if low_open else value >= low) and value < high
             if not ok:
                 bound = f"> {low}" if low_open else f">= {low}"
                 raise ValueError(f"{name} must be a finite number {bound}"
                                  f"{'' if high == math.inf else f' and < {high}'}, got {value!r}")
 
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dtype": DTYPES,
+                   "activation": tuple(layers.ACTIVATIONS)}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         integer("epochs", 0)
         integer("batch_size", 1)
         integer("eval_batch_size", 1)
@@ -93,14 +113,31 @@ class TrainConfig:
         number("weight_decay", 0)
         number("warmup_epochs", 0)
         number("label_smoothing", 0, 1)
-        if not self.hidden or any(isinstance(h, bool) or not isinstance(h, (int, np.integer))
-                                  or h <= 0 for h in self.hidden):
+        if self.schedule_epochs is not None:
+            integer("schedule_epochs", 1)
+        if not isinstance(self.nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
+        if self.nesterov and self.optimizer != "sgd":
+            raise ValueError(f"nesterov momentum belongs to the sgd optimizer, not {self.optimizer}")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov momentum needs momentum > 0, got momentum 0")
+        if self.warmup_epochs > self.epochs:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs:g} is longer than the run's "
+                             f"{self.epochs} epochs, so the rate would never reach lr {self.lr:g}; "
+                             f"give at most {self.epochs}")
+        if self.warmup_epochs and self.schedule != "constant" \
+                and self.warmup_epochs >= self.schedule_horizon:
+            raise ValueError(f"warmup_epochs {self.warmup_epochs:g} leaves nothing of the "
+                             f"{self.schedule} schedule's {self.schedule_horizon} epochs; give "
+                             f"fewer warm-up epochs or more schedule_epochs")
+        for name in ("save", "resume", "metrics_json", "data_dir"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (str, os.PathLike)) or str(value) == ""):
+                raise ValueError(f"{name} must be a non-empty path or None, got {value!r}")
+        if not isinstance(self.hidden, tuple) or not self.hidden or any(
+                isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h <= 0
+                for h in self.hidden):
             raise ValueError(f"hidden must be one or more positive layer widths, got {self.hidden!r}")
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dtype": DTYPES,
-                   "activation": tuple(layers.ACTIVATIONS)}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -109,11 +146,17 @@ class TrainConfig:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3}
 SCHEDULES = ("constant", "step", "cosine")
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # float16 gradients of (p - y) / N underflow below 6e-8; the loss is scaled up by this much for
 # the backward pass and the gradients scaled back in float32 (bfloat16 has float32's range).
 FLOAT16_LOSS_SCALE = 1024.0
+# A run has plainly failed after an epoch whose validation accuracy is at most CHANCE_FACTOR x
+# chance, or whose training loss is over LOSS_FACTOR x the loss of its first step (about
+# ln 10 = 2.3 for a fresh model). A working MNIST run is past 80% and below its start after one.
+CHANCE_FACTOR = 1.5
+LOSS_FACTOR = 2.0
 
 
 # --- data ----------------------------------------------------------------------------------------
@@ -132,6 +175,25 @@ class DeviceData:
     std: float = 1.0
 
 
+def pixel_statistics(pixels: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of uint8 ``pixels``, as ``pixels.mean(dtype=np.float64)``
+    and ``.std(dtype=np.float64)`` give them, from a 256-bin histogram: milliseconds and 2 KB,
+    where converting 43 million pixels to float64 takes 345 MB of temporaries."""
+    if pixels.dtype != np.uint8:
+        x = np.asarray(pixels, dtype=np.float64)
+        return float(x.mean()), float(x.std())
+    counts = np.bincount(pixels.reshape(-1), minlength=256)
+    n = int(counts.sum())
+    if n == 0:
+        return math.nan, math.nan
+    values = np.arange(256)
+    # Integer sums are exact (below 2**63 for any array that fits in memory), so the mean is the
+    # correctly rounded quotient, which is what NumPy's float64 sum of integers gives as well.
+    mean = int(counts @ values) / n
+    variance = float(counts @ (values - mean) ** 2) / n
+    return mean, math.sqrt(variance)
+
+
 def prepare_mnist(raw, *, val_size: int, device, dtype) -> DeviceData:
     """Split off the last ``val_size`` training images for validation, normalise with the
     training split's statistics, and move everything to ``device`` once."""
@@ -139,9 +201,8 @@ def prepare_mnist(raw, *, val_size: int, device, dtype) -> DeviceData:
     if val_size >= len(x_train):
         raise ValueError(f"val_size must leave training images, got {val_size} of {len(x_train)}")
     cut = len(x_train) - val_size
-    train_pixels = x_train[:cut]
-    mean = float(train_pixels.mean(dtype=np.float64)) / 255
-    std = float(train_pixels.std(dtype=np.float64)) / 255
+    mean, std = pixel_statistics(x_train[:cut])
+    mean, std = mean / 255, std / 255
 
     def images(x):
         x = x.reshape(len(x), int(np.prod(x.shape[1:]))).astype(dtype)
@@ -179,10 +240,24 @@ class Trainer:
         self.dtype = resolve_dtype(config.dtype)
         self.param_dtype = np.float64 if self.dtype == np.float64 else np.float32
         self.loss_scale = FLOAT16_LOSS_SCALE if self.dtype == np.float16 else 1.0
-        for path, what in ((config.save, "--save"), (config.metrics_json, "--metrics-json")):
-            if path:
-                checkpoint.check_writable(path, what)
+        # Everything the run would write is checked before anything is read or computed.
+        self.data_dir = resolve_root(config.data_dir) if data is None else None
+        data_files = mnist_files(self.data_dir) if data is None else {}
+        checkpoint.check_outputs(
+            {"--save": config.save, "--metrics-json": config.metrics_json},
+            {**{f"the data file {name}": path for name, path in data_files.items()},
+             "the --resume checkpoint": config.resume},
+            # Updating the checkpoint a run resumed from is the usual way to continue a run: the
+            # file is read whole before the first save, and every save replaces it atomically.
+            updatable=(("--save", "the --resume checkpoint"),))
         resumed = checkpoint.load(config.resume) if config.resume else None
+        if resumed is not None:  # what can be checked before the data is read
+            self._check_resume(resumed["meta"], config.resume)
+        if self.device.type == "cpu" and self.dtype != self.param_dtype:
+            self._warn(f"--dtype {config.dtype} on the CPU: NumPy has no {config.dtype} "
+                       "arithmetic of its own and emulates it, so training runs far slower than "
+                       "in float32 (about 275 x for float16: minutes per epoch, not seconds); "
+                       "mixed precision pays off on a GPU, use float32 here")
         if data is None:
             data = prepare_mnist(load_mnist(config.data_dir, progress=not quiet),
                                  val_size=config.val_size, device=self.device, dtype=self.dtype)
@@ -191,37 +266,138 @@ class Trainer:
         self.n_train = len(data.y_train)
         self.batch_sizes = np.diff(np.r_[0:self.n_train:config.batch_size, self.n_train])
         self.steps_per_epoch = len(self.batch_sizes)
+        in_features = int(np.prod(data.x_train.shape[1:]))
+        batch_rows = min(config.batch_size, self.n_train)
+        if config.batch_size > self.n_train:
+            self._warn(f"--batch-size {config.batch_size} is more than the {self.n_train} "
+                       f"training images: each epoch is one step over all {self.n_train}")
+        self._check_memory(in_features, batch_rows)
 
         manual_seed(config.seed)
-        in_features = int(np.prod(data.x_train.shape[1:]))
-        with self.device.scope():
-            mixed = self.dtype != self.param_dtype
-            self.model = layers.mlp([in_features, *config.hidden, NUM_CLASSES], config.activation,
-                                    dtype=self.param_dtype,
-                                    compute_dtype=self.dtype if mixed else None).to(self.device)
-            self.loss_fn = losses.SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
-            self.optimizer = make_optimizer(config, self.model.parameters())
+        try:
+            with self.device.scope():
+                mixed = self.dtype != self.param_dtype
+                self.model = layers.mlp([in_features, *config.hidden, NUM_CLASSES],
+                                        config.activation, dtype=self.param_dtype,
+                                        compute_dtype=self.dtype if mixed else None).to(self.device)
+                self.loss_fn = losses.SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
+                self.optimizer = make_optimizer(config, self.model.parameters())
+                xp = get_array_module(data.x_train)
+                self._x_batch = xp.empty((batch_rows, in_features), dtype=self.dtype)
+                self._y_batch = xp.empty((batch_rows,), dtype=np.int64)
+        except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError too)
+            need = self._memory_text(in_features, batch_rows)
+            raise ValueError(f"out of memory building the model: {need}") from None
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.shuffle_rng = np.random.default_rng(config.seed)
         self.epoch, self.history = 0, []
+        self.initial_loss = None      # the first step's loss: the yardstick of a failed run
+        self.previous_seconds = 0.0   # wall time of the runs this one resumes
+        self.failed, self.failed_epochs = None, []
+        # What the file at config.save holds: (epoch, healthy), or None while it holds nothing
+        # of this run (it may not exist, or be an unrelated file this run has not touched yet).
+        self.saved, self.saving, self.in_epoch = None, False, False
         if resumed is not None:
             self._restore(resumed)
-        xp = get_array_module(data.x_train)
-        with self.device.scope():
-            self._x_batch = xp.empty((config.batch_size, in_features), dtype=self.dtype)
-            self._y_batch = xp.empty((config.batch_size,), dtype=np.int64)
         self.graph = None
         if self.device.type == "cuda" and config.cuda_graph and self.optimizer.fused_device_update:
             from .graph import GraphStep
             self.graph = GraphStep(self)
 
     def _restore(self, resumed: dict) -> None:
+        path, meta = self.config.resume, resumed["meta"]
+        epoch = meta["epoch"]
+        missing = [k for k in ("optimizer/lr", "optimizer/step", "scheduler/last_step")
+                   if k not in resumed]
+        if missing:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path} lacks {', '.join(map(repr, missing))}, so it cannot continue a "
+                "run (was it written by checkpoint.save without an optimizer or a scheduler?)")
+        most = epoch * meta.get("steps_per_epoch", self.n_train)  # a batch holds >= 1 image
+        for key in ("optimizer/step", "scheduler/last_step"):
+            if key in resumed and int(resumed[key]) > most:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path}: {key!r} is {int(resumed[key])}, more steps than "
+                    f"{epoch} epochs of {self.n_train} images can take")
         checkpoint.restore(resumed, model=self.model, optimizer=self.optimizer,
-                           scheduler=self.scheduler, path=self.config.resume)
-        meta = resumed["meta"]
-        self.epoch = int(meta["epoch"])
-        self.history = list(meta["history"])
-        self.shuffle_rng.bit_generator.state = meta["shuffle_rng"]
+                           scheduler=self.scheduler, path=path)
+        # Checkpoints are written at epoch ends, where the schedule's position is exact in this
+        # run's steps, also when --batch-size (and so the steps per epoch) changed.
+        self.scheduler.load_state_dict({"last_step": epoch * self.steps_per_epoch})
+        try:
+            self.shuffle_rng.bit_generator.state = meta["shuffle_rng"]
+        except (ValueError, TypeError, KeyError) as exc:
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: meta key 'shuffle_rng' is not a usable PCG64 state ({exc})"
+            ) from None
+        self.epoch, self.history = epoch, list(meta["history"])
+        self.initial_loss = meta.get("initial_loss")
+        self.previous_seconds = meta.get("total_seconds", sum(h["seconds"] for h in self.history))
+        if self.config.save and checkpoint.same_file(self.config.save, path):
+            last = self.history[-1] if self.history else None
+            self.saved = (epoch, last is None or self._failure(last) is None)
+
+    def _check_resume(self, meta: dict, path) -> None:
+        epoch = meta["epoch"]
+        if epoch > self.config.epochs:
+            raise ValueError(f"--epochs {self.config.epochs} is fewer than the {epoch} epochs "
+                             f"checkpoint {path} already holds; give --epochs {epoch} or more")
+        self._check_schedule(meta, path)
+
+    def _check_schedule(self, meta: dict, path) -> None:
+        """A resumed run keeps the horizon of its schedule, unless schedule_epochs says otherwise:
+        stretching a cosine run from 2 to 4 epochs would send the rate from 0 back up mid-way,
+        which no straight 4-epoch run does. PyTorch keeps T_max in the scheduler's state_dict for
+        the same reason."""
+        if self.config.schedule == "constant":
+            return
+        saved_config = meta["config"]
+        saved = meta.get("schedule_epochs", saved_config.get("schedule_epochs")
+                         or saved_config.get("epochs"))
+        if saved != self.config.schedule_horizon and self.config.schedule_epochs is None:
+            raise ValueError(
+                f"checkpoint {path} was scheduled ({self.config.schedule}) over "
+                f"{_plural(saved, 'epoch')}, and "
+                f"--epochs {self.config.epochs} would restart that schedule mid-way; give "
+                f"--schedule-epochs {self.config.epochs} to stretch it over the longer run (the "
+                f"rate goes back up), or --schedule-epochs {saved} to keep it (after epoch "
+                f"{saved} the rate stays at its final value)")
+
+    def _check_memory(self, in_features: int, batch_rows: int) -> None:
+        """Refuse sizes past the machine's memory with the amount they would take, before
+        allocating: on Linux a too-large model may be granted and then killed half-way."""
+        need, _ = self._memory_need(in_features, batch_rows)
+        available = _available_memory() if self.device.type == "cpu" else None
+        if available is not None and need > available:
+            raise ValueError(f"{self._memory_text(in_features, batch_rows)}, more than the "
+                             f"{_gib(available)} this machine has available; give a smaller "
+                             "--hidden or --batch-size")
+
+    def _memory_need(self, in_features: int, batch_rows: int) -> tuple[int, int]:
+        """(bytes the run needs beyond the data, parameter count)."""
+        c = self.config
+        widths = [in_features, *c.hidden, NUM_CLASSES]
+        params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+        states = {"sgd": int(c.momentum > 0), "adam": 2, "adamw": 2}[c.optimizer]
+        item, param_item = np.dtype(self.dtype).itemsize, np.dtype(self.param_dtype).itemsize
+        # parameters, gradients and optimizer state, plus the weights' low-precision copies
+        need = params * (param_item * (2 + states) + (item if item != param_item else 0))
+        # a batch: its inputs, and per layer the output, what backward keeps and the gradient
+        need += batch_rows * (in_features + 3 * sum(widths[1:])) * item
+        eval_rows = min(c.eval_batch_size, max(len(self.data.y_val), len(self.data.y_test), 1))
+        need += eval_rows * 2 * max(widths[1:]) * item
+        return need, params
+
+    def _memory_text(self, in_features: int, batch_rows: int) -> str:
+        need, params = self._memory_need(in_features, batch_rows)
+        widths = "-".join(map(str, [in_features, *self.config.hidden, NUM_CLASSES]))
+        eval_rows = min(self.config.eval_batch_size,
+                        max(len(self.data.y_val), len(self.data.y_test), 1))
+        return (f"--hidden {','.join(map(str, self.config.hidden))} with --batch-size "
+                f"{self.config.batch_size} needs about {_gib(need)} (model {widths}: {params:,} "
+                f"parameters, with their gradients and {self.config.optimizer} state, and the "
+                f"layers' outputs for a batch of {batch_rows} and an evaluation batch of "
+                f"{eval_rows})")
 
     # --- the training step: everything between two batches ------------------------------------
 
@@ -236,6 +412,8 @@ class Trainer:
             else:
                 self._steps(to_device(order, self.device), meter, progress)
         self._check_finite(meter)
+        if self.initial_loss is None and meter.steps:
+            self.initial_loss = float(to_numpy(meter.losses[:1])[0])
         return meter.mean()
 
     def _steps(self, order, meter, progress) -> None:
@@ -289,11 +467,10 @@ class Trainer:
     def _check_finite(self, meter: "LossMeter") -> None:
         bad_step = meter.first_bad_step()
         if bad_step is not None:
-            saved = f"; the last good checkpoint {self.config.save} is kept" if self.config.save else ""
             raise TrainingDiverged(
                 f"training diverged: the loss became non-finite at epoch {self.epoch + 1}, step "
                 f"{bad_step + 1} of {self.steps_per_epoch}; try a lower learning rate than "
-                f"--lr {self.config.lr:g}{saved}")
+                f"--lr {self.config.lr:g}; {self.checkpoint_note()}")
 
     def evaluate(self, x, y) -> tuple[float, float]:
         """(mean loss, accuracy) of the model on (x, y), read from the device once."""
@@ -312,46 +489,114 @@ class Trainer:
 
     def fit(self) -> dict:
         """Train for the configured epochs, then report on the test set; returns the metrics."""
-        config, start_time = self.config, time.perf_counter()
+        config = self.config
+        self._start_time = start_time = time.perf_counter()
+        rate = f"{config.optimizer} lr {config.lr:g}"
+        if config.lr_is_default:
+            rate += f" (the default for {config.optimizer})"
+        if config.nesterov:
+            rate += f", nesterov momentum {config.momentum:g}"
         self._say(f"device {self.device.describe()} | model {'-'.join(map(str, self._widths()))} "
-                  f"{config.activation} | {config.optimizer} lr {config.lr:g} | "
+                  f"{config.activation} | {rate} | "
                   f"{self.n_train} train, {len(self.data.y_val)} val images")
         if self.epoch:
             self._say(f"resumed from {config.resume} after epoch {self.epoch}")
         while self.epoch < config.epochs:
             t0 = time.perf_counter()
+            self.in_epoch = True  # for the message of a run interrupted now
             with self.device.scope(), _progress(self, config.progress) as bar:
                 train_loss = float(self.train_epoch(bar))
             val_loss, val_acc = self.evaluate(self.data.x_val, self.data.y_val) \
                 if len(self.data.y_val) else (None, None)
             self.device.synchronize()
             self.epoch += 1
+            self.in_epoch = False
             stats = EpochStats(self.epoch, train_loss, val_loss, val_acc, time.perf_counter() - t0)
             self.history.append(dataclasses.asdict(stats))
             self._say(_epoch_line(stats, config.epochs))
-            if config.save:
-                self.save(config.save)
+            self._judge(self.history[-1])
         test_loss, test_acc = self.evaluate(self.data.x_test, self.data.y_test)
-        total = time.perf_counter() - start_time
-        self._say(f"test accuracy {test_acc:.2%} (test loss {test_loss:.4f}) after "
-                  f"{self.epoch} epochs, {total:.1f}s")
+        elapsed = time.perf_counter() - start_time
+        settings = config.to_dict()
+        if self.data_dir is not None:  # where the data came from, also via GPUNET_DATA
+            settings["data_dir"] = str(self.data_dir)
         metrics = {
             "device": str(self.device), "seed": config.seed, "epochs": self.epoch,
             "history": self.history, "test_accuracy": test_acc, "test_loss": test_loss,
-            "total_seconds": total,
+            # Both count the resumed runs too, so train_seconds <= total_seconds always.
+            "total_seconds": self.previous_seconds + elapsed,
             "train_seconds": sum(h["seconds"] for h in self.history),
-            "config": config.to_dict(),
+            # The last epoch's verdict (null: it looks healthy), and every epoch that looked failed.
+            "failed": self.failed, "failed_epochs": self.failed_epochs,
+            "config": settings,
         }
-        if config.metrics_json:
+        if config.metrics_json:  # before the last line, which a closed stdout would stop
             checkpoint.atomic_write(config.metrics_json,
                                     lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        failed = f"; the run looks failed ({self.failed})" if self.failed else ""
+        self._say(f"test accuracy {test_acc:.2%} (test loss {test_loss:.4f}) after "
+                  f"{_plural(self.epoch, 'epoch')}, {elapsed:.1f}s{failed}")
         return metrics
+
+    def _judge(self, stats: dict) -> None:
+        """After an epoch: warn (once per failing stretch) when the run has plainly failed, and
+        save the checkpoint, except that a failed epoch never replaces a healthy one.
+
+        A finite run is never stopped for this: under a warm-up or a decaying schedule a bad
+        epoch can still recover, and the user asked for the epochs. The verdict is recorded in
+        the metrics, and train.py exits with status 3 when the last epoch still looks failed."""
+        was_failed, self.failed = self.failed, self._failure(stats)
+        keep = self.failed is not None and self.saved is not None and self.saved[1]
+        if self.failed:
+            self.failed_epochs.append(self.epoch)
+        if self.failed and not was_failed:
+            kept = (f"; the checkpoint {self.config.save} of epoch {self.saved[0]} is kept until "
+                    "an epoch looks healthy again") if keep else ""
+            self._warn(f"epoch {self.epoch} looks failed: {self.failed}; try a lower learning "
+                       f"rate than --lr {self.config.lr:g}{kept}")
+        if self.config.save and not keep:
+            self.saving = True  # for the message of a run interrupted now
+            self.save(self.config.save)
+            self.saving = False
+            self.saved = (self.epoch, self.failed is None)
+
+    def _failure(self, stats: dict) -> str | None:
+        """Why an epoch shows a plainly failed run, or None: validation accuracy at chance, or a
+        training loss far above the loss the run started from."""
+        reasons = []
+        acc = stats["val_accuracy"]
+        if acc is not None and acc <= CHANCE_FACTOR / NUM_CLASSES:
+            reasons.append(f"validation accuracy {acc:.2%} is at chance "
+                           f"({1 / NUM_CLASSES:.0%} for {NUM_CLASSES} classes)")
+        start = self.initial_loss if self.initial_loss is not None else math.log(NUM_CLASSES)
+        if start > 0 and stats["train_loss"] > LOSS_FACTOR * start:
+            reasons.append(f"the training loss {stats['train_loss']:.4g} is "
+                           f"{stats['train_loss'] / start:.3g} x the {start:.4g} it started from")
+        return " and ".join(reasons) or None
 
     def save(self, path) -> None:
         meta = {"epoch": self.epoch, "history": self.history, "config": self.config.to_dict(),
-                "shuffle_rng": self.shuffle_rng.bit_generator.state}
+                "shuffle_rng": self.shuffle_rng.bit_generator.state,
+                "steps_per_epoch": self.steps_per_epoch,
+                "schedule_epochs": self.config.schedule_horizon,
+                "total_seconds": self.previous_seconds + time.perf_counter()
+                - getattr(self, "_start_time", time.perf_counter())}
+        if self.initial_loss is not None:
+            meta["initial_loss"] = self.initial_loss
         checkpoint.save(path, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, meta=meta)
+
+    def checkpoint_note(self) -> str:
+        """What the --save file holds now, for the message of a run that stops early."""
+        path = self.config.save
+        if not path:
+            return "nothing was saved (no --save was given)"
+        if self.saved is None:
+            untouched = f", and {path} was not touched" if os.path.lexists(path) else ""
+            return f"no checkpoint exists yet (--save writes one after each epoch){untouched}"
+        if not self.saved[1]:
+            return f"the last checkpoint {path} (epoch {self.saved[0]}, which looked failed) is kept"
+        return f"the last good checkpoint {path} (epoch {self.saved[0]}) is kept"
 
     def _widths(self):
         return [self.model[0].in_features, *self.config.hidden, NUM_CLASSES]
@@ -359,6 +604,30 @@ class Trainer:
     def _say(self, line: str) -> None:
         if not self.quiet:
             print(line, flush=True)
+
+    def _warn(self, line: str) -> None:
+        if not self.quiet:
+            print(f"warning: {line}", file=sys.stderr, flush=True)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes, or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _check_labels(data: DeviceData) -> None:
@@ -377,16 +646,17 @@ def fit(config: TrainConfig, data: DeviceData | None = None, *, quiet: bool = Fa
 def make_optimizer(config: TrainConfig, params):
     if config.optimizer == "sgd":
         return optim.SGD(params, lr=config.lr, momentum=config.momentum,
-                         nesterov=config.nesterov and config.momentum > 0,
+                         nesterov=config.nesterov,
                          weight_decay=config.weight_decay)
     cls = optim.Adam if config.optimizer == "adam" else optim.AdamW
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def make_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int):
-    """A per-step schedule spanning ``config.epochs``, after ``warmup_epochs`` of linear warm-up."""
+    """A per-step schedule spanning ``config.schedule_horizon`` epochs (``config.epochs`` unless
+    ``schedule_epochs`` is given), after ``warmup_epochs`` of linear warm-up."""
     warmup = round(config.warmup_epochs * steps_per_epoch)
-    total = max(1, config.epochs * steps_per_epoch - warmup)
+    total = max(1, config.schedule_horizon * steps_per_epoch - warmup)
     if config.schedule == "cosine":
         return optim.CosineAnnealingLR(optimizer, T_max=total, warmup_steps=warmup)
     if config.schedule == "step":  # x0.1 at one third and two thirds of the run

@@ -43,12 +43,16 @@ def no_network(monkeypatch):
     monkeypatch.setattr(datasets, "_urlopen", loopback_only)
 
 
+def _mnist_candidates() -> list[Path]:
+    env = os.environ.get("GPUNET_DATA")
+    found_by_env = [Path(env)] if env else []
+    return found_by_env + [PROJECT.parent / "shared" / "data" / "mnist", PROJECT / "data"]
+
+
 def _find_mnist() -> Path | None:
-    candidates = [os.environ.get("GPUNET_DATA"), PROJECT.parent / "shared" / "data" / "mnist",
-                  PROJECT / "data"]
-    for c in candidates:
-        if c and all((Path(c) / f).exists() or (Path(c) / f[:-3]).exists() for f in MNIST_FILES):
-            return Path(c)
+    for c in _mnist_candidates():
+        if all((c / f).exists() or (c / f[:-3]).exists() for f in MNIST_FILES):
+            return c
     return None
 
 
@@ -57,7 +61,10 @@ def mnist_dir() -> Path:
     """The folder holding the real MNIST files (GPUNET_DATA, ../shared/data/mnist or data/)."""
     found = _find_mnist()
     if found is None:
-        pytest.skip("real MNIST files not found: set GPUNET_DATA or place them in ../shared/data/mnist")
+        looked = ", ".join(map(str, _mnist_candidates()))
+        unset = "" if os.environ.get("GPUNET_DATA") else "; GPUNET_DATA is not set"
+        pytest.skip(f"real MNIST files not found (looked in {looked}{unset}): run "
+                    "GPUNET_DATA=/path/to/mnist pytest to include the tests that train on them")
     return found
 
 

@@ -10,6 +10,7 @@ import io
 import struct
 import threading
 import urllib.error
+import zlib
 from pathlib import Path
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
@@ -62,7 +63,14 @@ def with_file(name: str, data: bytes) -> dict[str, bytes]:
 
 
 @pytest.fixture
-def tiny_hashes(monkeypatch):
+def tiny_sizes(monkeypatch):
+    """Make the table of published sizes describe the tiny files."""
+    for name, data in tiny_mnist().items():
+        monkeypatch.setitem(datasets.SIZES, name, len(data))
+
+
+@pytest.fixture
+def tiny_hashes(monkeypatch, tiny_sizes):
     """Make the checksum table describe the tiny files, for paths that always verify."""
     for name, data in tiny_mnist().items():
         monkeypatch.setitem(datasets.SHA256, name, hashlib.sha256(data).hexdigest())
@@ -153,10 +161,12 @@ def test_labels_where_images_were_expected(tmp_path):
         load_with(tmp_path, "t10k-images-idx3-ubyte", tiny_mnist()["t10k-labels-idx1-ubyte"])
 
 
-def test_images_must_be_28x28(tmp_path):
-    data = struct.pack(">IIII", 2051, 5, 28, 27) + bytes(5 * 28 * 27)
-    with pytest.raises(DatasetError, match=r"images are 28x27, expected 28x28"):
-        load_with(tmp_path, "train-images-idx3-ubyte", data)
+@pytest.mark.parametrize("cols", [27, 29])
+@pytest.mark.parametrize("gz", [True, False], ids=["gz", "raw"])
+def test_images_must_be_28x28(tmp_path, cols, gz):
+    data = struct.pack(">IIII", 2051, 5, 28, cols) + bytes(5 * 28 * cols)
+    with pytest.raises(DatasetError, match=rf"images are 28x{cols}, expected 28x28"):
+        load_with(tmp_path, "train-images-idx3-ubyte", data, gz=gz)
 
 
 def test_image_and_label_counts_must_match(tmp_path):
@@ -196,7 +206,7 @@ def test_corrupt_gzip_stream(tmp_path):
         load_mnist(tmp_path, download=False, verify=False)
 
 
-def test_checksum_mismatch_names_file_and_both_hashes(tmp_path):
+def test_checksum_mismatch_names_file_and_both_hashes(tmp_path, tiny_sizes):
     files = tiny_mnist()
     write_mnist(tmp_path, files)
     with pytest.raises(DatasetError) as info:
@@ -244,20 +254,39 @@ def test_load_mnist_reads_gpunet_data(monkeypatch, tmp_path):
 
 
 def test_offline_without_files_says_where_it_looked(tmp_path):
-    folder = tmp_path / "nowhere"
+    folder = tmp_path / "empty"
+    folder.mkdir()
     assert not datasets.mnist_available(folder)
     with pytest.raises(DatasetError) as info:
         load_mnist(folder, download=False)
     message = str(info.value)
-    assert f"MNIST not found in {folder} (which does not exist)" in message
+    assert f"MNIST not found in {folder}: missing" in message
     assert all(name in message for name in NAMES)
     assert "--data-dir DIR" in message and "GPUNET_DATA" in message
-    assert not folder.exists()
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_a_named_folder_that_does_not_exist_is_reported_and_not_created(tmp_path, download,
+                                                                        monkeypatch):
+    asked = []
+    monkeypatch.setattr(datasets, "_urlopen", lambda *a, **k: asked.append(a))
+    folder = tmp_path / "typo" / "mnist"
+    with pytest.raises(DatasetError) as info:
+        load_mnist(folder, download=download)
+    message = str(info.value)
+    assert message.startswith(f"the data folder {folder} (given explicitly) does not exist, so "
+                              "nothing was created or downloaded")
+    assert "--data-dir DIR" in message and "train-images-idx3-ubyte" in message
+    assert not (tmp_path / "typo").exists() and asked == []
+    monkeypatch.setenv("GPUNET_DATA", str(folder))
+    with pytest.raises(DatasetError, match=f"from GPUNET_DATA={folder}\\) does not exist"):
+        load_mnist(download=download)
+    assert not (tmp_path / "typo").exists() and asked == []
 
 
 def test_unusable_data_folder(tmp_path):
     (tmp_path / "file").write_text("not a folder")
-    with pytest.raises(DatasetError, match=r"cannot create the data folder .*file: .*--data-dir DIR"):
+    with pytest.raises(DatasetError, match=r"data folder .*file \(given explicitly\) is not a folder"):
         load_mnist(tmp_path / "file")
 
 
@@ -306,6 +335,7 @@ def test_download_falls_through_to_a_good_mirror(tmp_path, monkeypatch, tiny_has
     monkeypatch.setattr(datasets, "MIRRORS", tuple(mirrors))
     monkeypatch.setattr(datasets, "_urlopen", fake)
     folder = tmp_path / "new" / "data"
+    folder.mkdir(parents=True)
 
     check_tiny(load_mnist(folder, progress=True))
 
@@ -356,6 +386,19 @@ def test_download_with_every_mirror_failing_leaves_nothing(tmp_path, monkeypatch
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_download_removes_what_a_killed_one_left(tmp_path, monkeypatch, tiny_hashes):
+    files = tiny_mnist()
+    write_mnist(tmp_path, {n: d for n, d in files.items() if n != "t10k-labels-idx1-ubyte"})
+    stale = tmp_path / "t10k-labels-idx1-ubyte.gz.0a1b2c3d.part"
+    other = tmp_path / "t10k-images-idx3-ubyte.gz.0a1b2c3d.part"
+    stale.write_bytes(b"half a download")
+    other.write_bytes(b"another file's")
+    monkeypatch.setattr(datasets, "MIRRORS", ("https://good.example/",))
+    monkeypatch.setattr(datasets, "_urlopen", FakeMirrors({"https://good.example/": good}))
+    check_tiny(load_mnist(tmp_path))
+    assert not stale.exists() and other.read_bytes() == b"another file's"
+
+
 def test_download_interrupted_midway_leaves_nothing(tmp_path, monkeypatch, tiny_hashes):
     class Breaks(io.BytesIO):
         def read(self, *args):
@@ -387,6 +430,7 @@ def test_download_from_a_local_http_server(tmp_path, monkeypatch, tiny_hashes):
         # The first mirror answers 404 (no such folder), the second serves the files.
         monkeypatch.setattr(datasets, "MIRRORS", (f"{base}/missing/", f"{base}/"))
         folder = tmp_path / "data"
+        folder.mkdir()
         check_tiny(load_mnist(folder))
     finally:
         server.shutdown()
@@ -410,3 +454,72 @@ def test_real_mnist(mnist_dir):
     assert set(np.unique(y_train)) == set(range(10)) == set(np.unique(y_test))
     assert int(x_test.sum(dtype=np.int64)) == 264923200
     assert int(x_train.sum(dtype=np.int64)) == 1567298545
+
+
+# --- Reading no more than the header declares ------------------------------------------------
+
+
+def zeros_gzip(header: bytes, megabytes: int) -> bytes:
+    """gzip of ``header`` followed by ``megabytes`` MB of zeros, made a megabyte at a time."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    parts = [packer.compress(header)]
+    block = bytes(1 << 20)
+    parts += [packer.compress(block) for _ in range(megabytes)]
+    return b"".join(parts) + packer.flush()
+
+
+def test_a_gzip_bomb_is_decompressed_no_further_than_its_header(tmp_path, monkeypatch):
+    header = struct.pack(">IIII", 2051, 5, 28, 28)  # 5 images: 3936 bytes in all
+    write_mnist(tmp_path, tiny_mnist())
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(zeros_gzip(header, 256))
+    produced = []
+    real = zlib.decompressobj
+
+    class Counting:
+        def __init__(self, *args, **kwargs):
+            self.inner = real(*args, **kwargs)
+
+        def decompress(self, data, max_length=0):
+            out = self.inner.decompress(data, max_length)
+            produced.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(datasets.zlib, "decompressobj", Counting)
+    with pytest.raises(DatasetError) as info:
+        load_mnist(tmp_path, download=False, verify=False)
+    assert "train-images-idx3-ubyte.gz: the header says 5 images, which is 3936 bytes, but the " \
+           "gzip data decompresses to more; stopped reading there" in str(info.value)
+    assert sum(produced[:-1]) < 3936 + 4 * datasets._CHUNK  # the first call may fill 4 MB at most
+    assert sum(produced) < 4 * datasets._CHUNK + 3937
+
+
+def test_a_gzip_bomb_behind_a_published_name_is_stopped_at_the_published_size(tmp_path,
+                                                                             tiny_hashes):
+    """With verification on, a header that claims more labels than the published file (here the
+    tiny set stands in for it) is refused at once, before the data is decompressed."""
+    write_mnist(tmp_path, tiny_mnist())
+    header = struct.pack(">II", 2049, 2 ** 32 - 1)  # four billion labels
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(zeros_gzip(header, 8))
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte.gz: the header says 4294967295 "
+                                           r"labels, but the published MNIST t10k-labels-idx1-ubyte "
+                                           r"has 3"):
+        load_mnist(tmp_path, download=False)
+
+
+def test_a_huge_sparse_raw_file_is_refused_from_its_size(tmp_path):
+    write_mnist(tmp_path, tiny_mnist(), gz=False)
+    path = tmp_path / "train-labels-idx1-ubyte"
+    with open(path, "r+b") as f:
+        try:
+            f.truncate(1 << 40)  # 1 TiB, sparse: no disk blocks behind it
+        except OSError as exc:
+            pytest.skip(f"this file system has no 1 TiB sparse files: {exc}")
+    try:
+        with pytest.raises(DatasetError, match=r"the header says 5 labels, which is 13 bytes, but "
+                                               r"there are 1099511627776 bytes"):
+            load_mnist(tmp_path, download=False, verify=False)
+    finally:
+        path.unlink()

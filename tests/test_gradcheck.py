@@ -61,3 +61,24 @@ def test_cli_on_the_gpu():
     out = subprocess.run([sys.executable, "-m", "gpunet.gradcheck", "--device", "cuda"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_cli_rejects_a_negative_seed_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "gpunet.gradcheck", "--seed", "-1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == ("python -m gpunet.gradcheck: error: argument --seed: expected an "
+                          "integer >= 0, got '-1'\n")
+
+
+def test_cli_into_a_closed_pipe_is_quiet():
+    """``python -m gpunet.gradcheck | head -1``, with the reader gone before anything is written."""
+    import os
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        out = subprocess.run([sys.executable, "-m", "gpunet.gradcheck"], stdout=write,
+                             stderr=subprocess.PIPE, text=True)
+    finally:
+        os.close(write)
+    assert out.stderr == "" and out.returncode == 141

@@ -267,6 +267,27 @@ def test_training_step_on_gpu_equals_cpu(cp, rng, dtype):
     np.testing.assert_allclose(results[1][1], results[0][1], rtol=tol, atol=tol)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", dtypes_on_gpu()[2:], ids=lambda d: np.dtype(d).name)
+def test_half_conversions_on_gpu_round_as_numpy(cp, dtype):
+    """The prelude's device conversions (PTX cvt for float16), held to the numpy casts that
+    tests/test_simt.py holds its host twins to: so the GPU and the CPU harness agree."""
+    from test_simt import CONVERSIONS, assert_same_bits, rounding_sample
+
+    kind = K._kind(dtype)
+    every = np.arange(65536, dtype=np.uint16)
+    as_float = cp.full(65536, cp.nan, cp.float32)
+    K._launch(CONVERSIONS, K.Launch(f"to_float<{kind}>", 8, 256), (cp.asarray(every), as_float, np.int64(65536)))
+    assert_same_bits(to_numpy(as_float), every.view(dtype).astype(np.float32))
+    sample = rounding_sample(dtype)
+    rounded = cp.full(sample.size, 0xFFFF, cp.uint16)
+    K._launch(CONVERSIONS, K.Launch(f"from_float<{kind}>", 8, 256),
+              (cp.asarray(sample), rounded, np.int64(sample.size)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = sample.astype(dtype)
+    assert_same_bits(to_numpy(rounded).view(dtype), expected)
+
+
 # --- matrix products through gpunet's cuBLAS handle ---------------------------------------------
 
 @pytest.mark.cuda

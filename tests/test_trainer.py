@@ -8,8 +8,9 @@ import pytest
 
 from gpunet import checkpoint, optim
 from gpunet.datasets import load_mnist
+from gpunet import trainer as trainer_module
 from gpunet.trainer import (DeviceData, TrainConfig, Trainer, TrainingDiverged, fit,
-                            prepare_mnist)
+                            pixel_statistics, prepare_mnist)
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +51,20 @@ def test_prepare_mnist_splits_and_normalises(mnist):
     np.testing.assert_array_equal(data.y_val, mnist[1][55000:])  # the last 5,000 are held out
     with pytest.raises(ValueError, match="val_size must leave training images"):
         prepare_mnist(mnist, val_size=60000, device="cpu", dtype=np.float32)
+    pixels = mnist[0][:55000]
+    assert data.mean == float(pixels.mean(dtype=np.float64)) / 255
+    assert data.std == float(pixels.std(dtype=np.float64)) / 255
+
+
+def test_pixel_statistics_equal_numpys_float64_mean_and_std(rng):
+    """The 256-bin histogram gives the very values of NumPy's float64 passes, to the last bit."""
+    for shape in [(1,), (7, 28, 28), (1000, 28, 28), (3, 5)]:
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert pixel_statistics(pixels) == (float(pixels.mean(dtype=np.float64)),
+                                            float(pixels.std(dtype=np.float64)))
+    assert pixel_statistics(np.full((4, 4), 200, np.uint8)) == (200.0, 0.0)
+    floats = rng.random((10, 3))
+    assert pixel_statistics(floats) == (float(floats.mean()), float(floats.std()))
 
 
 class CrashingTrainer(Trainer):
@@ -76,6 +91,9 @@ def test_resume_equals_uninterrupted_run_bit_for_bit(small_mnist, tmp_path, sche
     resumed = Trainer(quick(resume=str(path), **settings), small_mnist, quiet=True)
     assert resumed.epoch == 2
     resumed_metrics = resumed.fit()
+    # The resumed run's wall time includes the first run's, so it is never below its epochs' sum.
+    assert resumed_metrics["train_seconds"] <= resumed_metrics["total_seconds"]
+    assert resumed_metrics["total_seconds"] > sum(h["seconds"] for h in resumed_metrics["history"][:2])
     for a, b in zip(parameters(straight), parameters(resumed)):
         np.testing.assert_array_equal(a, b)
     assert resumed_metrics["test_loss"] == straight_metrics["test_loss"]
@@ -89,8 +107,10 @@ def test_metrics_json(small_mnist, tmp_path):
     fit(quick(epochs=1, metrics_json=str(path)), small_mnist, quiet=True)
     metrics = json.loads(path.read_text())
     for key in ("device", "seed", "epochs", "history", "test_accuracy", "test_loss",
-                "total_seconds", "train_seconds", "config"):
+                "total_seconds", "train_seconds", "failed", "failed_epochs", "config"):
         assert key in metrics
+    assert metrics["failed"] is None and metrics["failed_epochs"] == []
+    assert metrics["train_seconds"] <= metrics["total_seconds"]
     assert metrics["device"] == "cpu" and metrics["epochs"] == 1
     assert set(metrics["history"][0]) == {"epoch", "train_loss", "val_loss", "val_accuracy", "seconds"}
     assert metrics["config"]["hidden"] == [32] and 0 < metrics["test_accuracy"] <= 1
@@ -102,7 +122,7 @@ def test_epoch_and_final_lines(small_mnist, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("device cpu")
     assert lines[1].startswith("epoch 1/1  train loss ") and "val acc" in lines[1]
-    assert lines[-1].startswith("test accuracy ")
+    assert lines[-1].startswith("test accuracy ") and " after 1 epoch, " in lines[-1]
 
 
 def test_divergence_names_epoch_and_step_and_keeps_the_checkpoint(small_mnist, tmp_path):
@@ -111,7 +131,8 @@ def test_divergence_names_epoch_and_step_and_keeps_the_checkpoint(small_mnist, t
     before = path.read_bytes()
     with pytest.raises(TrainingDiverged, match=r"non-finite at epoch 2, step \d+ of 71; "
                                                r"try a lower learning rate than --lr 1e\+30"):
-        fit(quick(epochs=2, lr=1e30, resume=str(path), save=str(path)), small_mnist, quiet=True)
+        fit(quick(epochs=2, lr=1e30, resume=str(path), save=str(path), schedule_epochs=2),
+            small_mnist, quiet=True)
     assert path.read_bytes() == before
 
 
@@ -119,12 +140,12 @@ def test_checkpoint_errors(small_mnist, tmp_path):
     path = tmp_path / "c.npz"
     fit(quick(epochs=1, save=str(path)), small_mnist, quiet=True)
     with pytest.raises(checkpoint.CheckpointError, match=r"'0.weight' has shape \(784, 32\) but the model's is \(784, 16\)"):
-        Trainer(quick(hidden=(16,), resume=str(path)), small_mnist, quiet=True)
+        Trainer(quick(hidden=(16,), epochs=1, resume=str(path)), small_mnist, quiet=True)
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         Trainer(quick(resume=str(tmp_path / "missing.npz")), small_mnist, quiet=True)
     bad = tmp_path / "bad.npz"
     bad.write_bytes(b"not a zip file at all")
-    with pytest.raises(checkpoint.CheckpointError, match="not a readable gpunet checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="is not a gpunet checkpoint: it is not a zip"):
         Trainer(quick(resume=str(bad)), small_mnist, quiet=True)
     truncated = tmp_path / "truncated.npz"
     truncated.write_bytes(path.read_bytes()[:1000])
@@ -220,3 +241,188 @@ def test_evaluate_counts_on_the_device(small_mnist):
     assert accuracy == float((logits.argmax(axis=1) == small_mnist.y_test).mean())
     assert loss > 0
 
+
+def synthetic(n=300, n_test=100, seed=0):
+    """Random images with labels a linear rule gives: learnable, and fast to train on."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n + n_test, 784)).astype(np.float32)
+    y = (x[:, :10].argmax(axis=1)).astype(np.int64)
+    return DeviceData(x[:n - 50], y[:n - 50], x[n - 50:n], y[n - 50:n], x[n:], y[n:])
+
+
+# --- the optimizer's rate, Nesterov, warm-up ----------------------------------------------------
+
+def test_each_optimizer_gets_its_usual_rate_unless_lr_is_given(capsys):
+    assert TrainConfig().lr == 0.1 and TrainConfig().lr_is_default
+    for name in ("adam", "adamw"):
+        config = TrainConfig(optimizer=name)
+        assert config.lr == 1e-3 and config.lr_is_default
+    given = TrainConfig(optimizer="adam", lr=0.01)
+    assert given.lr == 0.01 and not given.lr_is_default
+    fit(quick(optimizer="adam", lr=None, epochs=0), synthetic())
+    assert "| adam lr 0.001 (the default for adam) |" in capsys.readouterr().out
+    fit(quick(optimizer="adamw", lr=0.003, epochs=0), synthetic())
+    assert "| adamw lr 0.003 |" in capsys.readouterr().out
+
+
+def test_nesterov_reaches_the_optimizer_and_is_refused_where_it_means_nothing(capsys):
+    trainer = Trainer(quick(nesterov=True, epochs=1), synthetic(), quiet=True)
+    assert trainer.optimizer.nesterov and trainer.optimizer.momentum == 0.9
+    assert not Trainer(quick(epochs=1), synthetic(), quiet=True).optimizer.nesterov
+    plain, nesterov = (fit(quick(nesterov=flag, epochs=1), synthetic(), quiet=True)
+                       for flag in (False, True))
+    assert plain["history"][0]["train_loss"] != nesterov["history"][0]["train_loss"]
+    with pytest.raises(ValueError, match="nesterov momentum belongs to the sgd optimizer, not adam"):
+        TrainConfig(optimizer="adam", nesterov=True)
+    with pytest.raises(ValueError, match="nesterov momentum needs momentum > 0"):
+        TrainConfig(momentum=0.0, nesterov=True)
+
+
+def test_a_warm_up_longer_than_the_run_is_refused():
+    with pytest.raises(ValueError, match=r"warmup_epochs 8 is longer than the run's 6 epochs, so "
+                                         r"the rate would never reach lr 0.1; give at most 6"):
+        TrainConfig(warmup_epochs=8)
+    with pytest.raises(ValueError, match="warmup_epochs 6 leaves nothing of the cosine schedule"):
+        TrainConfig(warmup_epochs=6)
+    assert TrainConfig(warmup_epochs=6, schedule="constant").warmup_epochs == 6
+    assert TrainConfig(warmup_epochs=2, epochs=2, schedule_epochs=4).schedule_horizon == 4
+
+
+# --- the schedule's horizon on resume -----------------------------------------------------------
+
+def test_extending_a_run_keeps_its_schedule_unless_told(tmp_path):
+    """A 2-epoch cosine run resumed with epochs=4 is refused (the rate would jump back up) and its
+    checkpoint left alone; a run planned over 4 epochs and stopped after 2 resumes to exactly the
+    straight 4-epoch run."""
+    data = synthetic()
+    path = tmp_path / "c.npz"
+    fit(quick(epochs=2, save=str(path)), data, quiet=True)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=r"scheduled \(cosine\) over 2 epochs, and --epochs 4 "
+                                         r"would restart that schedule mid-way; give "
+                                         r"--schedule-epochs 4 to stretch it"):
+        Trainer(quick(epochs=4, resume=str(path), save=str(path)), data, quiet=True)
+    assert path.read_bytes() == before
+    stretched = Trainer(quick(epochs=4, schedule_epochs=4, resume=str(path)), data, quiet=True)
+    assert stretched.optimizer.lr == pytest.approx(0.05 * 0.5)  # half-way down a 4-epoch cosine
+
+    planned = tmp_path / "planned.npz"
+    fit(quick(epochs=2, schedule_epochs=4, save=str(planned)), data, quiet=True)
+    resumed = Trainer(quick(epochs=4, schedule_epochs=4, resume=str(planned)), data, quiet=True)
+    resumed_metrics = resumed.fit()
+    straight = Trainer(quick(epochs=4), data, quiet=True)
+    straight_metrics = straight.fit()
+    for a, b in zip(parameters(straight), parameters(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed_metrics["test_loss"] == straight_metrics["test_loss"]
+    meta = checkpoint.load(planned, meta_only=True)["meta"]
+    assert meta["schedule_epochs"] == 4 and meta["steps_per_epoch"] == 2
+
+
+def test_a_changed_batch_size_resumes_at_the_epochs_place_in_the_schedule(tmp_path):
+    data, path = synthetic(), tmp_path / "c.npz"
+    fit(quick(epochs=1, schedule_epochs=2, batch_size=50, save=str(path)), data, quiet=True)
+    resumed = Trainer(quick(epochs=2, schedule_epochs=2, batch_size=25, resume=str(path)), data,
+                      quiet=True)
+    assert resumed.steps_per_epoch == 10 and resumed.scheduler.last_step == 10
+    assert resumed.optimizer.lr == pytest.approx(0.05 * 0.5)
+
+
+def test_more_epochs_in_the_checkpoint_than_asked_is_refused(tmp_path):
+    data, path = synthetic(), tmp_path / "c.npz"
+    fit(quick(epochs=2, save=str(path)), data, quiet=True)
+    with pytest.raises(ValueError, match="--epochs 1 is fewer than the 2 epochs checkpoint"):
+        Trainer(quick(epochs=1, resume=str(path)), data, quiet=True)
+
+
+# --- a run that has plainly failed --------------------------------------------------------------
+
+def test_a_finite_divergence_is_warned_once_and_recorded(small_mnist, capsys, tmp_path):
+    metrics = fit(quick(epochs=2, lr=5.0, metrics_json=str(tmp_path / "m.json")), small_mnist)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: epoch 1 looks failed: validation "
+                                               "accuracy ")
+    assert "is at chance (10% for 10 classes)" in err[0]
+    assert err[0].endswith("try a lower learning rate than --lr 5")
+    assert metrics["failed"].startswith("validation accuracy") and metrics["failed_epochs"] == [1, 2]
+    assert json.loads((tmp_path / "m.json").read_text())["failed"] == metrics["failed"]
+    assert metrics["test_accuracy"] < 0.2
+
+
+def test_a_failed_epoch_never_replaces_a_healthy_checkpoint(small_mnist, tmp_path, capsys):
+    path = tmp_path / "c.npz"
+    fit(quick(epochs=1, schedule="constant", save=str(path)), small_mnist, quiet=True)
+    before = path.read_bytes()
+    metrics = fit(quick(epochs=2, schedule="constant", lr=5.0, resume=str(path), save=str(path)),
+                  small_mnist)
+    assert metrics["failed_epochs"] == [2]
+    assert path.read_bytes() == before
+    assert capsys.readouterr().err.endswith(f"the checkpoint {path} of epoch 1 is kept until an "
+                                            "epoch looks healthy again\n")
+
+
+def test_a_divergence_before_any_checkpoint_says_none_exists(small_mnist, tmp_path):
+    path = tmp_path / "c.npz"
+    with pytest.raises(TrainingDiverged, match=r"--lr 1e\+30; no checkpoint exists yet \(--save "
+                                               r"writes one after each epoch\)$"):
+        fit(quick(epochs=1, lr=1e30, save=str(path)), small_mnist, quiet=True)
+    assert not path.exists()
+    path.write_bytes(b"someone else's file")
+    with pytest.raises(TrainingDiverged, match=f"and {path} was not touched$"):
+        fit(quick(epochs=1, lr=1e30, save=str(path)), small_mnist, quiet=True)
+    assert path.read_bytes() == b"someone else's file"
+
+
+# --- sizes, batches and dtypes ------------------------------------------------------------------
+
+def test_a_model_past_memory_is_refused_with_what_it_needs(monkeypatch):
+    monkeypatch.setattr(trainer_module, "_available_memory", lambda: 8 * 2 ** 30)
+    with pytest.raises(ValueError) as info:
+        Trainer(quick(hidden=(10_000_000,)), synthetic(), quiet=True)
+    message = str(info.value)
+    assert message.startswith("--hidden 10000000 with --batch-size 128 needs about 110.6 GiB ")
+    assert "(model 784-10000000-10: 7,950,000,010 parameters" in message
+    assert message.endswith("more than the 8.0 GiB this machine has available; give a smaller "
+                            "--hidden or --batch-size")
+
+
+def test_a_batch_larger_than_the_data_is_one_step_an_epoch(capsys):
+    data = synthetic()
+    metrics = fit(quick(batch_size=10 ** 12, epochs=1), data)
+    err = capsys.readouterr().err
+    assert "warning: --batch-size 1000000000000 is more than the 250 training images: each " \
+           "epoch is one step over all 250" in err
+    assert len(metrics["history"]) == 1
+    trainer = Trainer(quick(batch_size=10 ** 12), data, quiet=True)
+    assert trainer.steps_per_epoch == 1 and trainer._x_batch.shape == (250, 784)
+
+
+def test_emulated_low_precision_on_the_cpu_is_said_up_front(capsys):
+    data = synthetic()
+    Trainer(quick(dtype="float16", epochs=0), DeviceData(
+        *(a.astype(np.float16) if a.dtype.kind == "f" else a for a in
+          (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test))))
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: --dtype float16 on the CPU: NumPy has no "
+                                               "float16 arithmetic of its own and emulates it")
+    Trainer(quick(epochs=0), data)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_failed_run_rule_at_its_edges():
+    trainer = Trainer(quick(epochs=0), synthetic(), quiet=True)
+    trainer.initial_loss = 2.0
+
+    def verdict(acc, loss):
+        return trainer._failure({"epoch": 1, "train_loss": loss, "val_loss": 1.0,
+                                 "val_accuracy": acc, "seconds": 0.1})
+
+    assert verdict(0.16, 1.0) is None and verdict(None, 3.9) is None
+    assert verdict(0.15, 1.0) == "validation accuracy 15.00% is at chance (10% for 10 classes)"
+    assert verdict(0.9, 4.1) == "the training loss 4.1 is 2.05 x the 2 it started from"
+    assert verdict(0.1, 5.0).startswith("validation accuracy 10.00% is at chance") \
+        and verdict(0.1, 5.0).endswith(" and the training loss 5 is 2.5 x the 2 it started from")
+    trainer.initial_loss = 0.0  # a perfect first step: no loss yardstick, no division by it
+    assert verdict(0.9, 1.0) is None
+    trainer.initial_loss = None  # a resumed old checkpoint: ln 10 stands in for the start
+    assert verdict(0.9, 4.0) is None and verdict(0.9, 4.7) is not None

@@ -6,7 +6,7 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     bias_relu_, relu_backward   functional.bias_relu_, functional.relu_backward
     count_correct               functional.count_correct
-    sgd_update, adam_update     optim.SGD._update, optim.Adam._update
+    optimizer_update            optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
 once per process, one template instantiation at a time. CuPy also caches the compiled binaries on
@@ -124,9 +124,10 @@ template <typename S> __device__ __forceinline__ S warp_sum(S v) {
     return v;
 }
 
-// Combine two (max, sum of exp(x - max)) pairs: the online-softmax step.
+// Combine two (max, sum of exp(x - max)) pairs: the online-softmax step. A NaN max wins either
+// way round, so that a NaN is never dropped for an empty (all -inf) partner.
 template <typename S> __device__ __forceinline__ void merge(S& m, S& s, S m2, S s2) {
-    S mx = m > m2 ? m : m2;
+    S mx = (m > m2 || m != m) ? m : m2;
     if (mx == -INFINITY) { m = mx; s = 0; return; }  // both empty (or all -inf)
     s = s * exp(m - mx) + s2 * exp(m2 - mx);
     m = mx;
@@ -257,20 +258,26 @@ def _cross_entropy_grad_kernel():
 
 def cross_entropy_grad(x, lse, t, alpha, beta, gamma, smooth):
     """One fused kernel: the gradient of the softmax cross-entropy from the kept log-sum-exp."""
+    return _cross_entropy_grad_kernel()(
+        *cross_entropy_grad_operands(cupy, x, lse, t, alpha, beta, gamma, smooth))
+
+
+def cross_entropy_grad_operands(xp, x, lse, t, alpha, beta, gamma, smooth) -> tuple:
+    """CROSS_ENTROPY_GRAD's inputs, in order, as arrays of ``xp`` that broadcast to x's shape
+    (cupy for the GPU; numpy for the CPU harness in tests/simt)."""
     acc = lse.dtype
     n, c = x.shape
 
     def column(v):  # a per-row value (or a scalar) as an (N, 1) or 0-d operand
-        v = cupy.asarray(v, dtype=acc)
+        v = xp.asarray(v, dtype=acc)
         return v[:, None] if v.ndim == 1 else v
 
-    smooth = cupy.asarray(0.0 if smooth is None else smooth, dtype=acc)
+    smooth = xp.asarray(0.0 if smooth is None else smooth, dtype=acc)
     if smooth.ndim:
         smooth = smooth[None, :]  # per class, (1, C)
-    classes = cupy.arange(c, dtype=cupy.int64)[None, :]
-    return _cross_entropy_grad_kernel()(
-        x, lse[:, None], t.astype(cupy.int64, copy=False)[:, None], column(alpha), column(beta),
-        column(gamma), smooth, classes)
+    classes = xp.arange(c, dtype=xp.int64)[None, :]
+    return (x, lse[:, None], t.astype(xp.int64, copy=False)[:, None], column(alpha), column(beta),
+            column(gamma), smooth, classes)
 
 
 # --- single-pass cross-entropy: loss and gradient in one launch -------------------------------------
@@ -621,27 +628,39 @@ def cross_entropy_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
 def cross_entropy_loss_and_grad(plan, grad_output=1.0):
     """(loss, dL/dlogits) for class-index targets in one kernel launch: one read of the logits
     for the row statistics, one more (from cache) for the gradient, one write of the gradient."""
+    device = plan.logits.device.id
+    counter = _ce_counter(device, cupy.cuda.get_current_stream().ptr)
+    launch, args, loss, grad = cross_entropy_call(plan, grad_output, cupy, device_facts(device),
+                                                  counter)
+    if launch is not None:
+        _launch(CROSS_ENTROPY_SOURCE, launch, args)
+    return loss, grad
+
+
+def cross_entropy_call(plan, grad_output, xp, facts: DeviceFacts, counter) -> tuple:
+    """(launch, args, loss, grad): one launch of the single-pass cross-entropy for ``plan``, its
+    arguments and its outputs, as arrays of ``xp`` (cupy for the GPU; numpy for the CPU harness
+    in tests/simt). ``counter`` is the ticket counter, a uint32 holding 0. For an empty batch
+    there is nothing to launch: launch is None and the loss 0."""
     if hasattr(grad_output, "ndim") and grad_output.ndim:
         raise ValueError("the single-pass cross-entropy takes a scalar grad_output")
-    x = cupy.ascontiguousarray(plan.logits)
+    x = xp.ascontiguousarray(plan.logits)
     n, c = x.shape
-    t = cupy.ascontiguousarray(plan.target.astype(cupy.int64, copy=False))
+    t = xp.ascontiguousarray(plan.target.astype(xp.int64, copy=False))
     weight = None if plan.weight is None else \
-        cupy.ascontiguousarray(plan.weight.astype(_acc_dtype(x.dtype), copy=False))
-    grad = cupy.empty_like(x)
-    loss = cupy.empty((n,) if plan.reduction == "none" else (), dtype=x.dtype)
+        xp.ascontiguousarray(plan.weight.astype(_acc_dtype(x.dtype), copy=False))
+    grad = xp.empty_like(x)
+    loss = xp.empty((n,) if plan.reduction == "none" else (), dtype=x.dtype)
     if n == 0:
         loss.fill(0)
-        return loss, grad
-    launch = cross_entropy_launch(n, c, x.dtype, device_facts(x.device.id))
+        return None, (), loss, grad
+    launch = cross_entropy_launch(n, c, x.dtype, facts)
     scalar = _acc_dtype(x.dtype)
-    partials = cupy.empty(launch.grid, dtype=scalar)
-    counter = _ce_counter(x.device.id, cupy.cuda.get_current_stream().ptr)
-    _launch(CROSS_ENTROPY_SOURCE, launch, (
+    partials = xp.empty(launch.grid, dtype=scalar)
+    return launch, (
         x, t, _NULL if weight is None else weight, grad, loss, partials, counter, np.int64(n),
         np.int64(c), np.int64(plan.ignore_index), scalar(plan.eps), scalar(float(grad_output)),
-        np.int32(_REDUCTIONS[plan.reduction])))
-    return loss, grad
+        np.int32(_REDUCTIONS[plan.reduction])), loss, grad
 
 
 # --- Dense + ReLU ----------------------------------------------------------------------------------
@@ -716,8 +735,13 @@ def relu_backward(dy, y, out=None, bias_grad=None):
         _require(bias_grad, "bias_grad", y.shape[1:], y.dtype)
     n, c = y.shape
     _launch(RELU_BACKWARD_SOURCE, relu_backward_launch(n, c, y.dtype, device_facts(y.device.id)),
-            (dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)))
+            relu_backward_arguments(dy, y, out, bias_grad))
     return out
+
+
+def relu_backward_arguments(dy, y, out, bias_grad) -> tuple:
+    n, c = y.shape
+    return dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)
 
 
 # One thread per row: argmax (the first maximum, NaN counting as the maximum like numpy's) and a
@@ -763,8 +787,13 @@ def count_correct(logits, labels, out):
                          f"{x.shape}")
     labels = cupy.ascontiguousarray(labels, dtype=cupy.int64)
     _launch(COUNT_CORRECT_SOURCE, count_correct_launch(n, c, x.dtype, device_facts(x.device.id)),
-            (x, labels, out, np.int64(n), np.int64(c)))
+            count_correct_arguments(x, labels, out))
     return out
+
+
+def count_correct_arguments(x, labels, out) -> tuple:
+    n, c = x.shape
+    return x, labels, out, np.int64(n), np.int64(c)
 
 
 # --- optimizers: one kernel per step over the flat parameter buffer --------------------------------
@@ -835,28 +864,35 @@ def optimizer_launch(rule: str, dtype, size: int, facts: DeviceFacts) -> Launch:
     return Launch(f"{rule}<{'float' if dtype == np.float32 else 'double'}>", blocks, threads)
 
 
-def sgd_update(p, g, buf, *, lr, momentum, dampening, weight_decay, nesterov, steps_taken,
-               lr_table=None, counters=None) -> None:
-    """SGD's rule (see optim.SGD) in one launch over the flat buffers, in place.
+def optimizer_update(rule: str, buffers: tuple, hyper: dict, lr_table=None, counters=None) -> None:
+    """One fused update of a whole flat parameter buffer, in place, in one launch.
 
-    ``steps_taken`` counts the steps before this one (0 on the first). With ``lr_table`` and
-    ``counters`` (device arrays, see the kernel source) the rate and the step count are read on
-    the device instead, as a captured CUDA graph needs."""
+    ``rule`` is "sgd" (``buffers`` = parameters, gradients, momentum buffer) or "adam"
+    (parameters, gradients, exp_avg, exp_avg_sq); ``hyper`` holds the rule's numbers and
+    ``steps_taken``, the steps before this one, as ``Optimizer.fused_rule`` gives them. With
+    ``lr_table`` and ``counters`` (device arrays, see the kernel source) the rate and the step
+    count are read on the device instead, as a captured CUDA graph needs.
+    """
+    p = buffers[0]
+    _launch(OPTIM_SOURCE, optimizer_launch(rule, p.dtype, p.size, device_facts(p.device.id)),
+            optimizer_arguments(rule, buffers, hyper, lr_table, counters))
+
+
+def optimizer_arguments(rule: str, buffers: tuple, hyper: dict, lr_table=None, counters=None) -> tuple:
+    """The argument tuple of the fused update's kernel, for numpy or cupy buffers."""
+    p = buffers[0]
     scalar = p.dtype.type
-    _launch(OPTIM_SOURCE, optimizer_launch("sgd", p.dtype, p.size, device_facts(p.device.id)), (
-        p, g, buf, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
-        _NULL if counters is None else counters, np.int64(steps_taken), scalar(momentum),
-        scalar(dampening), scalar(weight_decay), np.bool_(nesterov)))
-
-
-def adam_update(p, g, m, v, *, lr, b1, b2, eps, weight_decay, decoupled, steps_taken,
-                lr_table=None, counters=None) -> None:
-    """Adam's rule (see optim.Adam) in one launch, in place; the arguments as for sgd_update."""
-    scalar = p.dtype.type
-    _launch(OPTIM_SOURCE, optimizer_launch("adam", p.dtype, p.size, device_facts(p.device.id)), (
-        p, g, m, v, np.int64(p.size), scalar(lr), _NULL if lr_table is None else lr_table,
-        _NULL if counters is None else counters, np.int64(steps_taken), scalar(b1), scalar(b2),
-        scalar(eps), scalar(weight_decay), np.bool_(decoupled)))
+    table = _NULL if lr_table is None else lr_table
+    device_counters = _NULL if counters is None else counters
+    head = (*buffers, np.int64(p.size), scalar(hyper["lr"]), table, device_counters,
+            np.int64(hyper["steps_taken"]))
+    if rule == "sgd":
+        return head + (scalar(hyper["momentum"]), scalar(hyper["dampening"]),
+                       scalar(hyper["weight_decay"]), np.bool_(hyper["nesterov"]))
+    if rule == "adam":
+        return head + (scalar(hyper["b1"]), scalar(hyper["b2"]), scalar(hyper["eps"]),
+                       scalar(hyper["weight_decay"]), np.bool_(hyper["decoupled"]))
+    raise ValueError(f"rule must be 'sgd' or 'adam', got {rule!r}")
 
 
 # --- pieces of a captured training step -------------------------------------------------------------
@@ -910,7 +946,12 @@ def gather_batch(x, y, order, counters, xb, yb, batch_size: int) -> None:
     _require(xb, "xb")
     _require(yb, "yb", (rows,), np.int64)
     _launch(STEP_SOURCE, gather_batch_launch(rows, features, x.dtype, device_facts(x.device.id)),
-            (x, y, order, counters, xb, yb, np.int64(rows), np.int64(features), np.int64(batch_size)))
+            gather_batch_arguments(x, y, order, counters, xb, yb, batch_size))
+
+
+def gather_batch_arguments(x, y, order, counters, xb, yb, batch_size: int) -> tuple:
+    rows, features = xb.shape
+    return x, y, order, counters, xb, yb, np.int64(rows), np.int64(features), np.int64(batch_size)
 
 
 def finish_step(loss, losses, counters) -> None:
