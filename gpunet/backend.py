@@ -8,6 +8,7 @@ module writes its formula once and asks ``xp = get_array_module(x)`` which libra
 from __future__ import annotations
 
 import contextlib
+import numbers
 import sys
 from dataclasses import dataclass, field
 
@@ -293,10 +294,22 @@ def take_rows(x, indices, out):
 _rng = np.random.default_rng()
 
 
+def is_real(value) -> bool:
+    """Whether ``value`` is a real number: a Python or NumPy scalar (``np.float32(0.1)``,
+    ``np.int64(5)``), but not a bool. Every argument check of gpunet asks this (or
+    :func:`is_integer`), so a number that came out of a NumPy computation is always accepted."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def is_integer(value) -> bool:
+    """Whether ``value`` is an integer: a Python or NumPy integer scalar, but not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
 def manual_seed(seed: int) -> None:
     """Seed gpunet's generator (weight initialisation) and, if it is loaded, CuPy's."""
     global _rng
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     _rng = np.random.default_rng(seed)
     cupy = sys.modules.get("cupy")

@@ -17,12 +17,12 @@ cross-entropy collapses further: d(mean CE)/dx = (s - onehot(t)) / N, which
 
 from __future__ import annotations
 
-import numbers
+from typing import NamedTuple
 
 import numpy as np
 
 from .kernels import cpu as cpu_kernels
-from .backend import add_into, get_array_module, is_cuda_array
+from .backend import add_into, get_array_module, is_cuda_array, is_integer, is_real
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -64,9 +64,8 @@ def logsumexp(x, axis: int = -1, keepdims: bool = False):
     if xa.shape[axis] == 0:
         out = xp.full(xa.sum(axis=axis, keepdims=True).shape, -np.inf, dtype=xa.dtype)
     else:
-        m = _finite_max(xp, xa, axis)
-        with np.errstate(divide="ignore"):  # log(0) = -inf for all -inf rows is the right answer
-            out = xp.log(xp.exp(xa - m).sum(axis=axis, keepdims=True)) + m
+        m, log_sum = _max_and_log_sum(xp, xa, axis)
+        out = m + log_sum
     if not keepdims:
         out = out.squeeze(axis=axis)
     return out.astype(x.dtype, copy=False)
@@ -83,18 +82,40 @@ def softmax(x, axis: int = -1):
     xa = x.astype(accumulation_dtype(x.dtype), copy=False)
     if xa.size == 0:
         return xp.empty_like(x)
-    e = xp.exp(xa - _finite_max(xp, xa, axis))
-    with np.errstate(invalid="ignore"):  # 0/0 only for all -inf rows: NaN is the answer
+    # over: x - max below -3e38 is -inf, whose exp is the right 0 (and a row holding NaN or
+    # +inf is shifted by 0, so its exp may overflow: that row's answer is NaN either way).
+    with np.errstate(over="ignore", invalid="ignore"):  # invalid: 0/0 of an all -inf row
+        e = xp.exp(xa - _finite_max(xp, xa, axis))
         e /= e.sum(axis=axis, keepdims=True)
     return e.astype(x.dtype, copy=False)
 
 
 def log_softmax(x, axis: int = -1):
-    """x - logsumexp(x): the log of softmax without ever forming a probability that underflows."""
+    """x - logsumexp(x), formed as (x - max) - log(sum(exp(x - max))): the log of softmax
+    without ever forming a probability that underflows.
+
+    Subtracting the max first keeps float32 exact where it matters: ``max + log(sum)`` would be
+    rounded to the spacing of the max (1e-3 at 1e4) before x is taken from it.
+    """
     x = _float_array(x, "x")
+    xp = get_array_module(x)
     xa = x.astype(accumulation_dtype(x.dtype), copy=False)
-    with np.errstate(invalid="ignore"):  # -inf - -inf: an all -inf row has no log-softmax
-        return (xa - logsumexp(xa, axis=axis, keepdims=True)).astype(x.dtype, copy=False)
+    if xa.size == 0:
+        return xp.empty_like(x)
+    m, log_sum = _max_and_log_sum(xp, xa, axis)
+    # over: see softmax; invalid: -inf - -inf, an all -inf row has no log-softmax (NaN)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return ((xa - m) - log_sum).astype(x.dtype, copy=False)
+
+
+def _max_and_log_sum(xp, x, axis):
+    """(m, log(sum(exp(x - m)))) along ``axis`` (kept as a length-1 axis), m the row max where
+    it is finite and 0 where not: the two parts of the log-sum-exp, m + log_sum, kept apart so
+    that x - logsumexp can be formed max first, as (x - m) - log_sum."""
+    m = _finite_max(xp, x, axis)
+    # over: as in softmax; divide: log(0) = -inf for all -inf rows is the right answer
+    with np.errstate(over="ignore", divide="ignore"):
+        return m, xp.log(xp.exp(x - m).sum(axis=axis, keepdims=True))
 
 
 def _finite_max(xp, x, axis):
@@ -150,6 +171,8 @@ def softmax_jvp(s, v, axis: int = -1):
 #
 #     loss_i = sum_c a_ic (lse_i - x_ic),   a_ic = (1-ε) w_t [c = t_i] + (ε/C) w_c
 #
+# where lse_i - x_ic is always formed max first, (m_i - x_ic) + log_sum_i (see LogSumExp).
+#
 # and 0 for rows whose target is ignore_index. "mean" divides the sum by the summed weights
 # w_t of the non-ignored rows; where that is 0 (every row ignored, or an empty batch) gpunet
 # defines the mean as 0 with a zero gradient, where PyTorch returns NaN. The gradient is
@@ -167,7 +190,7 @@ def softmax_cross_entropy(logits, target, *, weight=None, ignore_index: int = -1
     sum to 1. Returns a 0-d array for "mean" and "sum", an (N,) array for "none".
     """
     plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
-    return plan.loss(plan.lse())
+    return plan.loss(plan.lse_parts())
 
 
 def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int = -100,
@@ -179,7 +202,7 @@ def softmax_cross_entropy_grad(logits, target, *, weight=None, ignore_index: int
     "sum", an (N,) array for "none". On cupy arrays one fused ElementwiseKernel computes it.
     """
     plan = _CrossEntropyPlan(logits, target, weight, ignore_index, label_smoothing, reduction)
-    return plan.grad(plan.lse(), grad_output)
+    return plan.grad(plan.lse_parts(), grad_output)
 
 
 def softmax_cross_entropy_with_grad(logits, target, *, weight=None, ignore_index: int = -100,
@@ -215,9 +238,16 @@ class _CrossEntropyPlan:
         self.acc = accumulation_dtype(logits.dtype)
         self._rows = None
 
+    def lse_parts(self):
+        """Each row's log-sum-exp as a :class:`LogSumExp`, in the accumulation dtype: all that
+        backward needs to keep."""
+        m, log_sum = _max_and_log_sum(self.xp, self.logits.astype(self.acc, copy=False), 1)
+        return LogSumExp(m[:, 0], log_sum[:, 0])
+
     def lse(self):
-        """Each row's log-sum-exp, in the accumulation dtype: all that backward needs to keep."""
-        return logsumexp(self.logits.astype(self.acc, copy=False), axis=1)
+        """Each row's log-sum-exp whole, m + log_sum, as the CUDA kernel cross_entropy_grad
+        takes it (until it takes the two parts, to form exp((x - m) - log_sum))."""
+        return self.lse_parts().whole()
 
     def rows(self):
         """Per-row (t_safe, coef, A, valid, 1/denominator) for class-index targets, computed once.
@@ -260,17 +290,25 @@ class _CrossEntropyPlan:
             a *= self.weight.astype(self.acc, copy=False)
         return a
 
-    def loss(self, lse):
+    def loss(self, lse: "LogSumExp"):
+        # over: m - x past ±3e38 is inf, the loss rounded to the dtype; invalid: inf - inf of
+        # a row holding ±inf, whose loss is NaN
+        with np.errstate(over="ignore", invalid="ignore"):
+            return self._loss(lse)
+
+    def _loss(self, lse: "LogSumExp"):
         xp, x = self.xp, self.logits.astype(self.acc, copy=False)
+        m, log_sum = lse.m[:, None], lse.log_sum[:, None]
         if self.probability_target:
-            per_row = (self.coefficients() * (lse[:, None] - x)).sum(axis=1)
+            per_row = (self.coefficients() * ((m - x) + log_sum)).sum(axis=1)
             inverse = _reciprocal_or_zero(xp, x.shape[0])
         else:
             t_safe, coef, _, valid, inverse = self.rows()
-            nll = _keep(xp, valid, lse - x[_arange(xp, x.shape[0]), t_safe])
+            picked = x[_arange(xp, x.shape[0]), t_safe]
+            nll = _keep(xp, valid, (lse.m - picked) + lse.log_sum)
             per_row = nll if isinstance(coef, float) and coef == 1.0 else coef * nll
             if self.eps:
-                smooth = ((lse[:, None] - x) * self.smoothing_weights()).sum(axis=1)
+                smooth = (((m - x) + log_sum) * self.smoothing_weights()).sum(axis=1)
                 per_row += _keep(xp, valid, smooth)
         if self.reduction == "none":
             return per_row.astype(self.logits.dtype, copy=False)
@@ -297,18 +335,19 @@ class _CrossEntropyPlan:
             g = g * (_reciprocal_or_zero(xp, n) if self.probability_target else self.rows()[4])
         return g
 
-    def grad(self, lse, grad_output=1.0):
-        """The gradient, rebuilding p = exp(x - lse) from the kept log-sum-exp."""
+    def grad(self, lse: "LogSumExp", grad_output=1.0):
+        """The gradient, rebuilding p = exp((x - m) - log_sum) from the kept log-sum-exp."""
         xp, x, scale = self.xp, self.logits, self.row_scale(grad_output)
         if self.probability_target:
             a = self.coefficients()
-            p = xp.exp(x.astype(self.acc, copy=False) - lse[:, None])
+            p = lse.probabilities(x)
             dx = _column(scale) * (a.sum(axis=1, keepdims=True) * p - a)
             return dx.astype(x.dtype, copy=False)
         args = self._kernel_arguments(scale)
         if is_cuda_array(x):
             from .kernels import cuda as cuda_kernels
-            return cuda_kernels.cross_entropy_grad(x, lse, *args)
+            # This kernel takes the log-sum-exp whole: exp(x - lse), not yet max first.
+            return cuda_kernels.cross_entropy_grad(x, lse.whole(), *args)
         return cross_entropy_grad_reference(x, lse, *args)
 
     def _kernel_arguments(self, scale):
@@ -326,30 +365,56 @@ class _CrossEntropyPlan:
         if cpu_kernels.cross_entropy_fits(self, grad_output):
             return cpu_kernels.cross_entropy_loss_and_grad(self, grad_output)
         if self.probability_target:
-            lse = self.lse()
+            lse = self.lse_parts()
             return self.loss(lse), self.grad(lse, grad_output)
-        xa = x.astype(self.acc)  # a copy, which becomes the gradient in place
-        m = _finite_max(xp, xa, axis=1)
-        xa -= m
-        xp.exp(xa, out=xa)
-        total = _row_sums(xa)
-        lse = xp.log(total) + m[:, 0]  # log(0) = -inf only for an all -inf row, as it should
-        loss = self.loss(lse)
-        t, alpha, beta, gamma, smooth = self._kernel_arguments(self.row_scale(grad_output))
-        # p = e / total and the gradient's alpha * p in one pass: e * (alpha / total)
-        xa *= _column(alpha / total)
+        # One errstate for the whole pass (each costs 1.6 us): over as in softmax and in loss;
+        # divide and invalid only for an all -inf row (log(0) = -inf, 0/0), whose answer is NaN.
+        with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+            xa = x.astype(self.acc)  # a copy, which becomes the gradient in place
+            m = _finite_max(xp, xa, axis=1)
+            xa -= m
+            xp.exp(xa, out=xa)
+            total = _row_sums(xa)
+            loss = self._loss(LogSumExp(m[:, 0], xp.log(total)))
+            t, alpha, beta, gamma, smooth = self._kernel_arguments(self.row_scale(grad_output))
+            # p = e / total and the gradient's alpha * p in one pass: e * (alpha / total)
+            xa *= _column(alpha / total)
         return loss, _apply_grad(xa, t, 1.0, beta, gamma, smooth).astype(x.dtype, copy=False)
+
+
+class LogSumExp(NamedTuple):
+    """Each row's log-sum-exp in two parts, ``m + log_sum`` (both (N,)): m the row max (0 where
+    it is not finite) and log_sum = log(sum(exp(x - m))).
+
+    They are kept apart so that ``lse - x`` is formed as ``(m - x) + log_sum`` and ``x - lse``
+    as ``(x - m) - log_sum``, max first, as PyTorch does: in float32 the sum ``m + log_sum``
+    would be rounded to the spacing of m (1e-3 at 1e4) before x is taken from it.
+    """
+
+    m: object
+    log_sum: object
+
+    def whole(self):
+        """m + log_sum: the log-sum-exp itself."""
+        return self.m + self.log_sum
+
+    def probabilities(self, x):
+        """p = exp((x - m) - log_sum), in the dtype of the parts."""
+        xp = get_array_module(x, self.m)
+        with np.errstate(over="ignore", invalid="ignore"):  # as in softmax
+            return xp.exp((x.astype(self.m.dtype, copy=False) - self.m[:, None])
+                          - self.log_sum[:, None])
 
 
 def cross_entropy_grad_reference(x, lse, t, alpha, beta, gamma, smooth):
     """dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c,  p_ic = exp(x_ic - lse_i).
 
-    The vectorised twin of the CUDA kernel ``cuda_kernels.cross_entropy_grad``: same formula,
-    same arguments. alpha = scale·A, beta = scale·coef and gamma = scale, per row (or scalars);
-    smooth is (C,) or None when there is no label smoothing.
+    The vectorised twin of the CUDA kernel ``kernels.cuda.cross_entropy_grad``, with ``lse`` a
+    :class:`LogSumExp` and p formed max first, ``exp((x - m) - log_sum)`` (the kernel still
+    takes ``m + log_sum`` whole). alpha = scale·A, beta = scale·coef and gamma = scale, per row
+    (or scalars); smooth is (C,) or None when there is no label smoothing.
     """
-    xp = get_array_module(x)
-    p = xp.exp(x.astype(lse.dtype) - lse[:, None])
+    p = lse.probabilities(x)
     return _apply_grad(p, t, alpha, beta, gamma, smooth).astype(x.dtype, copy=False)
 
 
@@ -525,10 +590,9 @@ def check_cross_entropy_args(logits, target, weight, ignore_index, label_smoothi
         raise ValueError("logits must have at least one class, got shape (N, 0)")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real) \
-            or not 0.0 <= label_smoothing < 1.0:
+    if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+    if not is_integer(ignore_index):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if weight is not None:
         if not hasattr(weight, "dtype") or not is_float_dtype(weight.dtype):

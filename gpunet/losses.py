@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import functional as F
-from .backend import get_array_module
+from .backend import get_array_module, is_real
 
 
 class Loss:
@@ -34,8 +34,7 @@ class SoftmaxCrossEntropy(Loss):
         # Checked here too, so a bad keyword fails when the loss is built, not at the first batch.
         if reduction not in F.REDUCTIONS:
             raise ValueError(f"reduction must be one of {F.REDUCTIONS}, got {reduction!r}")
-        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
-                or not 0.0 <= label_smoothing < 1.0:
+        if not is_real(label_smoothing) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
         self.weight, self.ignore_index = weight, ignore_index
         self.label_smoothing, self.reduction = float(label_smoothing), reduction
@@ -47,13 +46,13 @@ class SoftmaxCrossEntropy(Loss):
 
     def forward(self, logits, target):
         self._plan = self._make_plan(logits, target)
-        self._lse = self._plan.lse()
+        self._lse = self._plan.lse_parts()
         return self._plan.loss(self._lse)
 
     def backward(self, grad_output=1.0):
         plan = self._saved()
         if self._lse is None:  # after forward_backward, which keeps no log-sum-exp
-            self._lse = plan.lse()
+            self._lse = plan.lse_parts()
         return plan.grad(self._lse, grad_output)
 
     def forward_backward(self, logits, target, *, grad_output=1.0, validate: bool = True):
@@ -77,8 +76,12 @@ class CrossEntropy(Loss):
     """Cross-entropy of probabilities (the output of a Softmax layer) against targets.
 
     Softmax followed by CrossEntropy equals SoftmaxCrossEntropy on the logits, keyword for
-    keyword; the fused loss is faster and stays finite where a probability underflows to 0
-    (here, a target probability of 0 gives an infinite loss, as the mathematics says).
+    keyword, wherever no probability underflowed; the fused loss is faster and more accurate.
+    A probability below the smallest normal number of the accumulation dtype (1.2e-38 in
+    float32: an underflowed 0) counts as that number, as PyTorch's BCELoss clamps its log at
+    -100: the loss stays finite (-log(1.2e-38) = 87.3 per unit of weight, where an exact 0 would
+    give infinity), its gradient is 0 there, and a Softmax before it gets no 0/0 = NaN.
+    Values outside [0, 1] (logits, say) are refused.
     """
 
     def __init__(self, *, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0,
@@ -91,16 +94,22 @@ class CrossEntropy(Loss):
     def forward(self, probs, target):
         probs = F._float_array(probs, "probs")
         xp = get_array_module(probs, target)
-        if probs.size and bool((probs < 0).any()):
-            raise ValueError("probs must be non-negative probabilities (the output of a softmax); "
-                             "for raw scores use SoftmaxCrossEntropy")
-        with np.errstate(divide="ignore"):
-            log_p = xp.log(probs)
-        # CE on probabilities p is the fused loss on logits log(p), whose log-sum-exp is 0.
-        self._plan = self._fused._make_plan(log_p, target)
-        self._probs = probs
         acc = F.accumulation_dtype(probs.dtype)
-        return self._plan.loss(xp.zeros(probs.shape[0], dtype=acc))
+        if probs.size:
+            # Two reductions (one read back on a GPU) instead of two comparison passes; a NaN
+            # passes both, and gives a NaN loss.
+            low, high = float(probs.min()), float(probs.max())
+            if low < 0 or high > 1 + 4 * float(np.finfo(acc).eps):
+                raise ValueError(f"probs must be probabilities in [0, 1] (the output of a softmax),"
+                                 f" got values from {low:.6g} to {high:.6g}; for raw scores "
+                                 "(logits) use SoftmaxCrossEntropy")
+        self._floor = float(np.finfo(acc).tiny)
+        log_p = xp.log(xp.maximum(probs.astype(acc, copy=False), self._floor))
+        # CE on probabilities p is the fused loss on logits log(p), whose log-sum-exp is 0.
+        self._plan = self._fused._make_plan(log_p.astype(probs.dtype, copy=False), target)
+        self._probs = probs
+        zero = xp.zeros(probs.shape[0], dtype=acc)
+        return self._plan.loss(F.LogSumExp(zero, zero))
 
     def backward(self, grad_output=1.0):
         plan = self._saved()
@@ -115,8 +124,11 @@ class CrossEntropy(Loss):
             a = xp.zeros(self._probs.shape, dtype=plan.acc)
             a += plan.smoothing_weights()
             a[xp.arange(a.shape[0]), t_safe] += coef
-        with np.errstate(divide="ignore", invalid="ignore"):
-            dp = -F._column(scale) * a / self._probs
+        # The derivative of the clamped loss: 0 where the clamp holds p at the floor (1 / floor
+        # still fits the dtype, so no p above it overflows the quotient).
+        p = self._probs.astype(plan.acc, copy=False)
+        kept = p > self._floor
+        dp = xp.where(kept, -F._column(scale) * a / xp.where(kept, p, 1), 0)
         return dp.astype(self._probs.dtype, copy=False)
 
 

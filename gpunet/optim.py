@@ -3,33 +3,76 @@
 An optimizer lays its parameters out in one flat buffer (``Parameter.data`` and ``.grad`` become
 views into it), so a step is a handful of whole-buffer operations in place: no per-parameter
 Python loop, no parameter-sized temporaries (one scratch buffer is allocated once), and on a GPU
-one fused kernel for all parameters. Build the optimizer after moving the model to its device.
+one fused kernel for all parameters.
+
+The PyTorch habits still hold: assigning ``p.grad`` or ``p.data`` copies into the buffer (see
+``layers.Parameter``); ``model.to(device)`` after the optimizer is built moves the buffers and
+the optimizer's state along at its next step; two optimizers built over the same parameter list
+share the buffers. What a flat buffer cannot do raises at ``step()``, naming what happened.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 
 from .kernels import blas, cpu as cpu_kernels
-from .backend import device_of, get_array_module, is_cuda_array, to_device
+from .backend import device_of, get_array_module, is_cuda_array, is_integer, is_real, to_device
 from .layers import Parameter
 
 
+class FlatParameters:
+    """One flat buffer for the data and one for the gradients of a list of parameters, whose
+    ``.data`` and ``.grad`` become views into them (``Parameter._flat`` points back here).
+
+    It records what happened to its parameters since, for ``Optimizer.step`` to read in O(1):
+    ``moved`` (``model.to`` took a parameter to new arrays), ``taken_by`` (another optimizer
+    laid some of them out in its own buffers) and ``check`` (a ``.grad`` was set to None).
+    """
+
+    def __init__(self, params: list[Parameter], by: str):
+        self.params = tuple(params)
+        self.data, self.grad = flatten_parameters(params)
+        self.moved, self.taken_by, self.check = False, None, False
+        self.folded = False  # SGD.fold_momentum pointed the .grad views at its momentum buffer
+        self.users = 0
+        for p in params:
+            old = p._flat
+            if old is not None and old is not self and old.usable:
+                old.taken_by = by
+            p._flat = self
+
+    @classmethod
+    def of(cls, params: list[Parameter], by: str) -> "FlatParameters":
+        """The buffers of exactly these parameters, in this order, if they are laid out so
+        already (a second optimizer over ``model.parameters()`` shares them), else new ones."""
+        flat = params[0]._flat
+        if flat is None or not flat.usable or flat.folded or flat.params != tuple(params) \
+                or not all(p._data.base is flat.data and p._grad.base is flat.grad for p in params):
+            flat = cls(params, by)
+        flat.users += 1
+        return flat
+
+    @property
+    def usable(self) -> bool:
+        return not self.moved and self.taken_by is None
+
+
 def flatten_parameters(params: list[Parameter]):
-    """Move every parameter's data and grad into one flat buffer each, as views; returns both."""
+    """Copy every parameter's data and grad into one flat buffer each, and make the parameters'
+    ``.data`` and ``.grad`` views of them; returns both buffers."""
     first = params[0].data
     xp = get_array_module(first)
     for p in params:
-        get_array_module(first, p.data)
-        if p.data.dtype != first.dtype:
-            raise ValueError(f"all parameters must share one dtype, got {first.dtype} and {p.data.dtype}")
+        if device_of(p.data) != device_of(first) or p.data.dtype != first.dtype:
+            raise ValueError(f"all parameters must share one device and dtype, got "
+                             f"{first.dtype} on {device_of(first)} for {params[0]._label()} and "
+                             f"{p.data.dtype} on {device_of(p.data)} for {p._label()}")
     total = sum(p.data.size for p in params)
     with device_of(first).scope():
         data, grad = xp.empty(total, first.dtype), xp.empty(total, first.dtype)
     for p, d, g in zip(params, parameter_views(data, params), parameter_views(grad, params)):
-        d[...], g[...] = p.data, p.grad
-        p.data, p.grad = d, g
+        d[...], g[...] = p._data, p._grad
+        p._data, p._grad = d, g
     return data, grad
 
 
@@ -42,8 +85,7 @@ def parameter_views(flat, params):
 
 
 def _positive(name: str, value, allow_zero: bool = False) -> float:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) \
-        and (value >= 0 if allow_zero else value > 0)
+    ok = is_real(value) and math.isfinite(value) and (value >= 0 if allow_zero else value > 0)
     if not ok:
         expected = "a finite number >= 0" if allow_zero else "a finite number > 0"
         raise ValueError(f"{name} must be {expected}, got {value!r}")
@@ -65,33 +107,73 @@ class Optimizer:
                                 f"{type(p).__name__} at position {i}")
         self.params = params
         self.lr = _positive("lr", lr)
-        self.data, self.grad = flatten_parameters(params)
-        self._views = [p.data for p in params]
+        self._lay_out()
         xp = get_array_module(self.data)
         with device_of(self.data).scope():
             self.state = {name: xp.zeros_like(self.data) for name in self.state_names}
-            self._scratch = xp.empty_like(self.data)
         self.step_count = 0
-        # On the CPU, the compiled one-pass update where it fits (decided once: the buffers'
-        # dtype and layout are fixed from here on), else the NumPy/BLAS rule of _update.
+
+    def _lay_out(self) -> None:
+        """Take (or share) the flat buffers of the parameters, and what depends on them."""
+        self._flat = FlatParameters.of(self.params, by=f"another {type(self).__name__}")
+        self.data, self.grad = self._flat.data, self._flat.grad
+        with device_of(self.data).scope():
+            self._scratch = get_array_module(self.data).empty_like(self.data)
+        # On the CPU, the compiled one-pass update where it fits (decided per layout: the
+        # buffers' dtype and layout are fixed until the parameters move), else _update's rule.
         compiled = None if is_cuda_array(self.data) else self._compiled_update()
         self.uses_compiled_update = compiled is not None
         self._host_update = compiled or self._update
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero every gradient in one pass over the buffer; with ``set_to_none`` the
+        parameters' ``.grad`` also read None until the next backward (``layers.Parameter``)."""
         self.grad.fill(0)
+        if set_to_none:
+            for p in self.params:
+                p.grad = None
 
     def step(self) -> None:
         """One update of every parameter from its ``.grad``, in place."""
-        for p, view in zip(self.params, self._views):
-            if p.data is not view:
-                raise RuntimeError("a parameter's array was replaced after the optimizer was built "
-                                   "(model.to() or assignment); build the optimizer afterwards")
+        flat = self._flat
+        if flat.check or flat.moved or flat.taken_by is not None:  # three attribute tests
+            self._follow_parameters()
         self.step_count += 1
         if is_cuda_array(self.data):
             self.device_update()
         else:
             self._host_update()
+
+    def _follow_parameters(self) -> None:
+        """Before a step: raise for what a flat buffer cannot follow, and move the buffers and
+        the state to where ``model.to()`` took the parameters."""
+        flat, name = self._flat, type(self).__name__
+        if flat.taken_by is not None:
+            taken = [p._label() for p in self.params if p._flat is not flat]
+            raise RuntimeError(
+                f"{name}.step(): {taken[0] if taken else 'its parameters'}"
+                f"{f' and {len(taken) - 1} more' if len(taken) > 1 else ''} now live in the "
+                f"buffers of {flat.taken_by}, built afterwards over an overlapping but different "
+                "parameter list. A parameter lives in one flat buffer: two optimizers can share "
+                "parameters only when built over the same list (model.parameters()); otherwise "
+                "give each its own parameters, or build this one again")
+        if flat.moved:
+            try:
+                self._lay_out()
+            except ValueError as error:
+                raise ValueError(f"{name}.step(): the parameters were moved (model.to()) after "
+                                 f"the optimizer was built, and {error}") from None
+            self.state = {k: to_device(v, device_of(self.data)).astype(self.data.dtype, copy=False)
+                          for k, v in self.state.items()}
+        for p in self.params:
+            if p._grad_none:
+                raise RuntimeError(
+                    f"{name}.step(): {p._label()} has no gradient: its .grad was set to None and "
+                    "no backward has written it since. PyTorch's optimizers would skip it; "
+                    "gpunet's update all their parameters in one pass over a flat buffer and "
+                    "cannot, so run backward before step(), or leave the parameter out of the "
+                    "optimizer")
+        self._flat.check = False
 
     def _update(self) -> None:
         """The update rule, written once in NumPy-style calls: the reference, and what a GPU
@@ -181,6 +263,12 @@ class SGD(Optimizer):
         if self.momentum == 0:
             self.state_names = ()
         super().__init__(params, lr)
+
+    def _lay_out(self) -> None:
+        if getattr(self, "folded", False):  # the parameters moved while folded: start unfolded
+            for p in self.params:
+                p.grad_decay = 0.0
+        super()._lay_out()
         self._gradient = self.grad  # the flat gradient buffer, while self.grad may be the momentum
         self.folded = False
 
@@ -231,6 +319,8 @@ class SGD(Optimizer):
         """
         if self.folded:
             return True
+        if self._flat.users > 1 or not self._flat.usable:  # shared buffers keep their gradients
+            return False
         if not (self.momentum and not self.dampening and not self.nesterov
                 and not self.weight_decay and blas.available(self.data)
                 and cpu_kernels.gemm_available(self.data)):
@@ -252,8 +342,9 @@ class SGD(Optimizer):
 
     def _point_grads(self, flat, decay: float) -> None:
         for p, view in zip(self.params, parameter_views(flat, self.params)):
-            p.grad, p.grad_decay = view, decay
+            p._grad, p.grad_decay = view, decay
         self.grad = flat
+        self._flat.folded = flat is not self._flat.grad
 
     def _update(self) -> None:
         # On the CPU each blas call is one pass: axpy/axpby fuse the multiply into the add.
@@ -289,13 +380,16 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, decoupled: bool = False):
-        if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0 <= b < 1 for b in betas):
+        if len(betas) != 2 or not all(is_real(b) and 0 <= b < 1 for b in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
         self.betas = (float(betas[0]), float(betas[1]))
         self.eps = _positive("eps", eps)
         self.weight_decay = _positive("weight_decay", weight_decay, allow_zero=True)
         self.decoupled = bool(decoupled)
         super().__init__(params, lr)
+
+    def _lay_out(self) -> None:
+        super()._lay_out()
         with device_of(self.data).scope():
             self._scratch2 = get_array_module(self.data).empty_like(self.data)
 
@@ -374,9 +468,9 @@ class LRScheduler:
     """
 
     def __init__(self, optimizer: Optimizer, warmup_steps: int = 0):
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_integer(warmup_steps) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
-        self.optimizer, self.warmup_steps = optimizer, warmup_steps
+        self.optimizer, self.warmup_steps = optimizer, int(warmup_steps)
         self.base_lr = optimizer.lr
         self.last_step = 0
         optimizer.lr = self.lr_at(0)
@@ -415,9 +509,9 @@ class StepLR(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, step_size: int, gamma: float = 0.1,
                  warmup_steps: int = 0):
-        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size <= 0:
+        if not is_integer(step_size) or step_size <= 0:
             raise ValueError(f"step_size must be a positive int, got {step_size!r}")
-        self.step_size, self.gamma = step_size, _positive("gamma", gamma)
+        self.step_size, self.gamma = int(step_size), _positive("gamma", gamma)
         super().__init__(optimizer, warmup_steps)
 
     def factor(self, step: int) -> float:
@@ -429,9 +523,9 @@ class CosineAnnealingLR(LRScheduler):
 
     def __init__(self, optimizer: Optimizer, T_max: int, eta_min: float = 0.0,
                  warmup_steps: int = 0):
-        if isinstance(T_max, bool) or not isinstance(T_max, int) or T_max <= 0:
+        if not is_integer(T_max) or T_max <= 0:
             raise ValueError(f"T_max must be a positive int, got {T_max!r}")
-        self.T_max, self.eta_min = T_max, _positive("eta_min", eta_min, allow_zero=True)
+        self.T_max, self.eta_min = int(T_max), _positive("eta_min", eta_min, allow_zero=True)
         super().__init__(optimizer, warmup_steps)
 
     def factor(self, step: int) -> float:

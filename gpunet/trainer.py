@@ -522,7 +522,9 @@ class Trainer:
     def forward_backward(self, x, y):
         """Forward, the fused loss and backward for one batch: fills every parameter's gradient
         (unscaled) and returns the loss. The eager loop and the CUDA graph step share it."""
-        logits = self.model.forward(x)
+        # x is a fixed batch buffer (this trainer's or the CUDA graph's), which the next step's
+        # gather rewrites only after this backward: the model may keep it without a copy.
+        logits = self.model.forward(x, copy_input=False)
         # The labels were checked once, in __init__; checking them again here would cost a
         # device synchronisation per step on a GPU.
         loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,

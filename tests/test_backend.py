@@ -169,3 +169,14 @@ def test_manual_seed_makes_initialisation_repeatable():
     np.testing.assert_array_equal(Dense(4, 3).weight.data, a)
     with pytest.raises(ValueError, match="seed must be a non-negative int"):
         backend.manual_seed(-1)
+
+
+def test_numbers_from_numpy_are_numbers():
+    for value in (1, 0.5, np.float32(0.1), np.float16(2), np.int64(5), np.uint8(3)):
+        assert backend.is_real(value)
+    for value in (np.int64(5), np.int32(-1), 7):
+        assert backend.is_integer(value)
+    for value in (True, np.bool_(True), "1", None, np.array([1.0]), 1j):
+        assert not backend.is_real(value) and not backend.is_integer(value)
+    assert not backend.is_integer(np.float32(5)) and not backend.is_integer(2.0)
+    backend.manual_seed(np.int64(3))

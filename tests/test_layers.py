@@ -195,3 +195,71 @@ def test_to_dtype_and_device(device, rng):
 def test_sequential_rejects_non_modules():
     with pytest.raises(TypeError, match="got function at position 1"):
         L.Sequential(L.ReLU(), lambda x: x)
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 2e-7), (np.float64, 1e-15)])
+def test_sigmoid_keeps_relative_accuracy_far_below_zero(device, on, dtype, tol):
+    """sigmoid(-10) = 4.5398e-5 (the tanh form gave 4.5389e-5 in float32) and sigmoid(-20) =
+    2.06e-9 (it gave 0): every output within a rounding or two of the float64 value."""
+    x = np.r_[-10.0, -20.0, np.linspace(-80, 80, 161), -700.0 if dtype == np.float64 else -87.0]
+    expected = 1 / (1 + np.exp(-x))
+    y = to_numpy(L.Sigmoid()(on(x.astype(dtype)))).astype(np.float64)
+    np.testing.assert_allclose(y, expected, rtol=2 * tol, atol=0)
+    special = to_numpy(L.Sigmoid()(on(np.array([np.nan, np.inf, -np.inf], dtype))))
+    assert np.isnan(special[0]) and special[1:].tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_dense_backward_sees_the_input_of_its_forward(device, on, rng, activation):
+    """A caller who reuses the input array between forward and backward gets the gradient of
+    the data that went forward (the layer kept a copy), as PyTorch's version counter ensures."""
+    dense = L.Dense(5, 3, activation=activation, dtype=np.float64, rng=rng).to(device)
+    x, dy = rng.standard_normal((4, 5)), rng.standard_normal((4, 3))
+    buffer = on(x.copy())
+    y = to_numpy(dense(buffer))
+    buffer[...] = on(rng.standard_normal((4, 5)))  # the next batch, written into the same array
+    dense.backward(on(dy), input_grad=False)
+    dz = dy * (y > 0) if activation else dy
+    np.testing.assert_allclose(to_numpy(dense.weight.grad), x.T @ dz, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(dense.bias.grad), dz.sum(axis=0), rtol=1e-12)
+
+
+def test_copy_input_false_keeps_a_reference_by_contract(rng):
+    """copy_input=False (the trainer's fixed batch buffer) keeps x itself: no copy, and the
+    caller's promise not to write into it before backward."""
+    dense = L.Dense(5, 3, dtype=np.float64, rng=rng)
+    x = rng.standard_normal((4, 5))
+    dense.forward(x, copy_input=False)
+    assert dense._saved("x") is x
+    dense.forward(x)
+    assert dense._saved("x") is not x and not np.shares_memory(dense._saved("x"), x)
+    dense.eval().forward(x)  # eval mode keeps nothing, so copies nothing
+
+
+def test_sequential_copies_only_what_a_caller_holds(rng):
+    """In mlp the first layer's input is the caller's array (copied); every later layer's is the
+    fresh output of the layer before (kept as it is). After an in-place ReLU or a module of
+    the user's own, whose output may be anyone's array, the next Dense copies again."""
+    model = L.mlp([5, 4, 4, 3], activation="tanh", dtype=np.float64, rng=rng)
+    x = rng.standard_normal((2, 5))
+    model(x)
+    assert not np.shares_memory(model[0]._saved("x"), x)
+    assert model[2]._saved("x") is model[1]._saved("y") and model[4]._saved("x") is model[3]._saved("y")
+    model.forward(x, copy_input=False)
+    assert model[0]._saved("x") is x
+
+    class Passthrough(L.Module):
+        def forward(self, x):
+            return x
+
+        def backward(self, dy, input_grad=True):
+            return dy
+
+    pass_x = L.Sequential(Passthrough(), L.Dense(5, 3, dtype=np.float64, rng=rng))
+    pass_x(x)
+    assert not np.shares_memory(pass_x[1]._saved("x"), x)
+    inplace = L.Sequential(L.Dense(5, 4, dtype=np.float64, rng=rng), L.ReLU(inplace=True),
+                           L.Dense(4, 3, dtype=np.float64, rng=rng))
+    h = inplace(x)
+    assert h.shape == (2, 3) and inplace[2]._saved("x") is not inplace[1]._saved("y")
+

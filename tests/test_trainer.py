@@ -222,6 +222,18 @@ def test_folded_momentum_trains_like_the_two_pass_update(small_mnist, monkeypatc
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_the_step_keeps_its_batch_buffer_without_a_copy(rng):
+    """The trainer opts out of Dense's input copy (copy_input=False) for its fixed batch
+    buffer, rewritten only by the next step's gather, after this step's backward."""
+    x = rng.standard_normal((300, 12)).astype(np.float32)
+    y = rng.integers(0, 10, 300)
+    data = DeviceData(x, y, x[:10], y[:10], x[:10], y[:10])
+    trainer = Trainer(quick(hidden=(8,), epochs=1, batch_size=64, val_size=0), data, quiet=True)
+    trainer.train_epoch()
+    kept = trainer.model[0]._saved("x")
+    assert np.shares_memory(kept, trainer._x_batch) and kept.shape == (300 - 4 * 64, 12)
+
+
 def test_evaluate_counts_on_the_device(small_mnist):
     trainer = Trainer(quick(epochs=0), small_mnist, quiet=True)
     loss, accuracy = trainer.evaluate(small_mnist.x_test, small_mnist.y_test)

@@ -47,19 +47,21 @@ static double NAME(ce_row)(const T* restrict x, T* restrict g, Py_ssize_t c,
         m = x[j] > m ? x[j] : m;
         nan |= x[j] != x[j];
     }
-    T lse;
+    /* lse = m + log_sum, but lse - x is formed max first, (m - x) + log_sum: m + log_sum would
+     * be rounded to the spacing of m (1e-3 at 1e4 in float32) before x is taken from it. */
+    T log_sum = 0;
     if (!nan && isfinite(m)) {
         T s = 0;
         for (Py_ssize_t j = 0; j < c; ++j) {
             g[j] = EXP(x[j] - m);
             s += g[j];
         }
-        lse = m + LOG(s);
+        log_sum = LOG(s);
         T a = alpha / s;  /* p = e / s, and alpha * p, in one multiply */
         for (Py_ssize_t j = 0; j < c; ++j) g[j] *= a;
     } else {  /* NaN poisons the row; for an all -inf (or a +inf) row, lse = m */
-        lse = nan ? (T)NAN : m;
-        for (Py_ssize_t j = 0; j < c; ++j) g[j] = alpha * EXP(x[j] - lse);
+        m = nan ? (T)NAN : m;
+        for (Py_ssize_t j = 0; j < c; ++j) g[j] = alpha * EXP(x[j] - m);
     }
     g[ts] -= beta;
     T smooth = 0;
@@ -67,10 +69,10 @@ static double NAME(ce_row)(const T* restrict x, T* restrict g, Py_ssize_t c,
         for (Py_ssize_t j = 0; j < c; ++j) {
             T w = weight ? weight[j] : (T)1;
             g[j] -= gamma * eps_c * w;
-            smooth += w * (lse - x[j]);
+            smooth += w * ((m - x[j]) + log_sum);
         }
     }
-    return valid ? (double)(coef * (lse - x[ts]) + eps_c * smooth) : 0.0;
+    return valid ? (double)(coef * ((m - x[ts]) + log_sum) + eps_c * smooth) : 0.0;
 }
 
 /* Loss and gradient of a batch; reduction 0 mean, 1 sum, 2 none (loss then has a value per
