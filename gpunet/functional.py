@@ -244,11 +244,6 @@ class _CrossEntropyPlan:
         m, log_sum = _max_and_log_sum(self.xp, self.logits.astype(self.acc, copy=False), 1)
         return LogSumExp(m[:, 0], log_sum[:, 0])
 
-    def lse(self):
-        """Each row's log-sum-exp whole, m + log_sum, as the CUDA kernel cross_entropy_grad
-        takes it (until it takes the two parts, to form exp((x - m) - log_sum))."""
-        return self.lse_parts().whole()
-
     def rows(self):
         """Per-row (t_safe, coef, A, valid, 1/denominator) for class-index targets, computed once.
 
@@ -346,8 +341,7 @@ class _CrossEntropyPlan:
         args = self._kernel_arguments(scale)
         if is_cuda_array(x):
             from .kernels import cuda as cuda_kernels
-            # This kernel takes the log-sum-exp whole: exp(x - lse), not yet max first.
-            return cuda_kernels.cross_entropy_grad(x, lse.whole(), *args)
+            return cuda_kernels.cross_entropy_grad(x, lse.m, lse.log_sum, *args)
         return cross_entropy_grad_reference(x, lse, *args)
 
     def _kernel_arguments(self, scale):
@@ -553,7 +547,9 @@ def relu_backward(dy, y, bias_grad=None, beta: float = 0.0):
     elif cpu_kernels.relu_backward_fits(dy, y, bias_grad):
         return cpu_kernels.relu_backward(dy, y, bias_grad, beta)
     else:
-        dz = np.multiply(dy, y > 0)  # several times faster in numpy than where(y > 0, dy, 0)
+        # A select, as the CUDA and C kernels and PyTorch's threshold_backward: an inf or NaN
+        # upstream where the ReLU was off gives 0 (dy * (y > 0) would give NaN there).
+        dz = np.where(y > 0, dy, dy.dtype.type(0))
     if bias_grad is not None:
         column_sums(dz, bias_grad, beta)
     return dz

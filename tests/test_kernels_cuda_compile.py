@@ -226,7 +226,7 @@ def elementwise_cases():
         acc = np.float64 if dtype == np.float64 else np.float32
         name = np.dtype(dtype).name
         yield (f"cross_entropy_grad-{name}", K.CROSS_ENTROPY_GRAD,
-               dict(x=dtype, lse=acc, t=np.int64, alpha=acc, beta=acc, gamma=acc, smooth=acc,
+               dict(x=dtype, m=acc, log_sum=acc, t=np.int64, alpha=acc, beta=acc, gamma=acc, smooth=acc,
                     c=np.int64, dx=dtype))
         yield f"bias_relu-{name}", K.BIAS_RELU, dict(b=dtype, y=dtype)
 

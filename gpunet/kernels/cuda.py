@@ -242,12 +242,14 @@ def _require(array, name: str, shape=None, dtype=None) -> None:
 
 # --- cross-entropy gradient from a kept log-sum-exp (backward after forward) -----------------------
 
-# dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c, p_ic = exp(x_ic - lse_i):
-# per-row values broadcast from (N, 1), per-class ones from (1, C); S is float32 or float64.
+# dx_ic = alpha_i p_ic - beta_i [c = t_i] - gamma_i smooth_c, p_ic = exp((x_ic - m_i) - log_sum_i),
+# the log-sum-exp kept in its two parts, max first (functional.LogSumExp); per-row values
+# broadcast from (N, 1), per-class ones from (1, C); S is float32 or float64.
 CROSS_ENTROPY_GRAD = (
-    "T x, S lse, I t, S alpha, S beta, S gamma, S smooth, I c",
+    "T x, S m, S log_sum, I t, S alpha, S beta, S gamma, S smooth, I c",
     "T dx",
-    "S p = exp((S)x - lse); dx = (T)(alpha * p - (c == t ? beta : (S)0) - gamma * smooth);",
+    "S p = exp(((S)x - m) - log_sum); "
+    "dx = (T)(alpha * p - (c == t ? beta : (S)0) - gamma * smooth);",
     "gpunet_cross_entropy_grad")
 
 
@@ -256,16 +258,16 @@ def _cross_entropy_grad_kernel():
     return cupy.ElementwiseKernel(*CROSS_ENTROPY_GRAD)
 
 
-def cross_entropy_grad(x, lse, t, alpha, beta, gamma, smooth):
+def cross_entropy_grad(x, m, log_sum, t, alpha, beta, gamma, smooth):
     """One fused kernel: the gradient of the softmax cross-entropy from the kept log-sum-exp."""
     return _cross_entropy_grad_kernel()(
-        *cross_entropy_grad_operands(cupy, x, lse, t, alpha, beta, gamma, smooth))
+        *cross_entropy_grad_operands(cupy, x, m, log_sum, t, alpha, beta, gamma, smooth))
 
 
-def cross_entropy_grad_operands(xp, x, lse, t, alpha, beta, gamma, smooth) -> tuple:
+def cross_entropy_grad_operands(xp, x, m, log_sum, t, alpha, beta, gamma, smooth) -> tuple:
     """CROSS_ENTROPY_GRAD's inputs, in order, as arrays of ``xp`` that broadcast to x's shape
     (cupy for the GPU; numpy for the CPU harness in tests/simt)."""
-    acc = lse.dtype
+    acc = m.dtype
     n, c = x.shape
 
     def column(v):  # a per-row value (or a scalar) as an (N, 1) or 0-d operand
@@ -276,8 +278,8 @@ def cross_entropy_grad_operands(xp, x, lse, t, alpha, beta, gamma, smooth) -> tu
     if smooth.ndim:
         smooth = smooth[None, :]  # per class, (1, C)
     classes = xp.arange(c, dtype=xp.int64)[None, :]
-    return (x, lse[:, None], t.astype(xp.int64, copy=False)[:, None], column(alpha), column(beta),
-            column(gamma), smooth, classes)
+    return (x, m[:, None], log_sum[:, None], t.astype(xp.int64, copy=False)[:, None],
+            column(alpha), column(beta), column(gamma), smooth, classes)
 
 
 # --- single-pass cross-entropy: loss and gradient in one launch -------------------------------------
