@@ -72,7 +72,7 @@ def counter_words(n: int, seed: int, counter, xp=None):
     words = philox4x32((xp.arange(blocks, dtype=np.uint32), step & np.uint64(_MASK32),
                         step >> np.uint64(32), xp.zeros((), dtype=np.uint32)),
                        (seed & _MASK32, seed >> 32))
-    return xp.stack(words, axis=-1).reshape(-1)[:n]
+    return xp.stack(xp.broadcast_arrays(*words), axis=-1).reshape(-1)[:n]
 
 
 class Dropout(Module):

@@ -338,3 +338,18 @@ def test_conv_moves_with_the_model(device, on, rng):
     np.testing.assert_allclose(to_numpy(conv(on(x))), expected, rtol=1e-13, atol=1e-13)
     conv.to("cpu", dtype=np.float32)
     assert conv(x.astype(np.float32)).dtype == np.float32
+
+
+def test_max_pool_over_more_than_256_offsets(rng):
+    """Window offsets are counted in uint8 up to 256 of them, beyond that in int32."""
+    x = distinct(rng, 2, 1, 18, 16)
+    pool = C.MaxPool2d((17, 16), stride=1)  # 272 offsets, two windows down the height
+    y = pool(x)
+    np.testing.assert_array_equal(y[:, 0, :, 0],
+                                  [[x[n, 0, i:i + 17].max() for i in range(2)] for n in range(2)])
+    dx = pool.backward(np.ones_like(y))
+    for n in range(2):
+        for i in range(2):
+            r, c = np.unravel_index(np.argmax(x[n, 0, i:i + 17]), (17, 16))
+            assert dx[n, 0, i + r, c] >= 1
+    assert dx.sum() == 4
