@@ -17,8 +17,9 @@ Where the mask comes from:
 ``philox4x32`` is one formula in ``xp`` integer operations (32x32->64-bit products, shifts and
 xors on uint32/uint64 arrays), which numpy and cupy both run elementwise: the same seed and
 counter give the same mask on both devices. ``Dropout(p, counter_based=True)`` uses it on the
-CPU too (to reproduce a GPU run's masks there), at about 40 elementwise passes per draw. On a
-GPU that is as many small kernel launches; one fused ElementwiseKernel would make it one.
+CPU too (to reproduce a GPU run's masks there), at about 140 elementwise operations per draw
+(14 a round). On a GPU that is as many small kernel launches; one fused ElementwiseKernel of
+the same formula would make it one (not written yet: it needs a GPU to be tested on).
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class Dropout(Module):
     ``counter_based`` None (the default) draws the mask with the host generator ``rng`` for
     numpy arrays and with :func:`philox4x32` on the device for cupy arrays; True uses Philox on
     both (the same masks on both devices). ``seed`` (default: drawn from ``rng`` now) keys the
-    Philox stream, and ``counter``, a 0-d uint64 array on the input's device, counts the draws.
+    Philox stream, and ``counter``, a 0-d uint64 array on the input's device, counts its draws.
     """
 
     def __init__(self, p: float = 0.5, *, counter_based: bool | None = None,
