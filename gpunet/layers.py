@@ -136,9 +136,9 @@ class Module:
             raise ValueError(f"state_dict does not match the model: missing {missing}, "
                              f"unexpected {unexpected}")
         for name, a in own.items():
-            value = state[name]
-            if tuple(value.shape) != a.shape:
-                raise ValueError(f"state_dict tensor {name!r} has shape {tuple(value.shape)} but "
+            shape = tuple(np.shape(state[name]))  # a 0-d buffer may come back as a scalar
+            if shape != a.shape:
+                raise ValueError(f"state_dict tensor {name!r} has shape {shape} but "
                                  f"the model's is {a.shape}")
         for name, a in own.items():
             a[...] = to_device(state[name], device_of(a)).astype(a.dtype, copy=False)

@@ -133,6 +133,28 @@ def test_state_dict_names_match_torch_and_round_trip(torch, rng):
         fresh.load_state_dict(state)
 
 
+def test_running_statistics_survive_a_checkpoint(tmp_path, rng):
+    """gpunet.checkpoint saves state_dict, buffers included, and gives 0-d entries back as
+    Python scalars (num_batches_tracked), which load_state_dict takes."""
+    from gpunet import checkpoint, optim
+
+    def make():
+        return L.Sequential(C.Conv2d(1, 2, 3, bias=False, rng=np.random.default_rng(0)),
+                            N.BatchNorm2d(2), C.Flatten(), L.Dense(18, 3, rng=np.random.default_rng(1)))
+
+    model = make()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        model(rng.standard_normal((4, 1, 5, 5)).astype(np.float32))
+    checkpoint.save(tmp_path / "ck.npz", model=model, optimizer=opt, meta={})
+    fresh = make()
+    checkpoint.restore(checkpoint.load(tmp_path / "ck.npz"), model=fresh,
+                       optimizer=optim.SGD(fresh.parameters(), lr=0.1))
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(fresh.state_dict()[name], value, err_msg=name)
+    assert int(fresh[1].num_batches_tracked) == 3 and fresh[1].running_mean.any()
+
+
 def test_buffers_are_listed_moved_and_cast(device, on, rng):
     model = L.Sequential(L.Dense(3, 4, rng=rng), N.BatchNorm1d(4))
     assert [n for n, _ in model.named_buffers()] == ["1.running_mean", "1.running_var",
