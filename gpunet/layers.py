@@ -144,7 +144,8 @@ class Module:
             a[...] = to_device(state[name], device_of(a)).astype(a.dtype, copy=False)
 
     def to(self, device=None, dtype=None):
-        """Move (and/or cast) every parameter; returns self. Build optimizers after this call."""
+        """Move (and/or cast) every parameter and buffer; returns self. Build optimizers after
+        this call."""
         for p in self.parameters():
             data = p.data if device is None else to_device(p.data, device)
             p.data = data if dtype is None else data.astype(dtype)
