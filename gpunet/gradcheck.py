@@ -17,8 +17,11 @@ import warnings
 
 import numpy as np
 
+from . import conv as C
 from . import layers as L
 from . import losses as Lo
+from . import norm as N
+from .dropout import Dropout
 from .backend import DeviceError, get_array_module, get_device, to_device, to_numpy
 
 TOLERANCE = 1e-6
@@ -99,6 +102,24 @@ def check_loss(loss: Lo.Loss, pred, target, *, rng: np.random.Generator | None =
     return {"input": relative_error(analytic, numerical_gradient(objective, pred, eps))}
 
 
+class SameMask(L.Module):
+    """A Dropout whose counter is rewound before every forward: the same mask on every call,
+    as central differences need (the mask is a function of seed and counter only)."""
+
+    def __init__(self, p: float, seed: int):
+        self.dropout = Dropout(p, counter_based=True, seed=seed)
+
+    def forward(self, x):
+        self.dropout.counter[...] = 0
+        return self.dropout.forward(x)
+
+    def backward(self, dy, input_grad: bool = True):
+        return self.dropout.backward(dy, input_grad)
+
+    def __repr__(self) -> str:
+        return f"SameMask({self.dropout!r})"
+
+
 def standard_cases(rng: np.random.Generator, dtype=np.float64, device="cpu"):
     """Every layer and loss gpunet ships, each with a small random input on ``device``.
 
@@ -127,6 +148,21 @@ def standard_cases(rng: np.random.Generator, dtype=np.float64, device="cpu"):
     probability_target = on(rng.dirichlet(np.ones(c), n).astype(dtype))
     weight = on(rng.uniform(0.5, 2.0, c).astype(dtype))
     probs = L.Softmax().eval().forward(0.5 * randn(n, c))  # no probability near 0
+
+    def distinct(*shape):  # well apart, so that no max-pooling window has a near tie
+        return on((rng.permutation(int(np.prod(shape))).reshape(shape) * 0.1 - 1).astype(dtype))
+
+    def batch_norm(module):  # a random affine part, so that its gradient is checked too
+        module.weight.data[...] = on(rng.uniform(0.5, 1.5, module.num_features).astype(dtype))
+        module.bias.data[...] = on(rng.standard_normal(module.num_features).astype(dtype))
+        return module
+
+    def conv(*args, **kwargs):
+        return layer(C.Conv2d(*args, dtype=dtype, rng=rng, **kwargs))
+
+    tiny_cnn = L.Sequential(C.Conv2d(1, 2, 3, padding=1, activation="relu", dtype=dtype, rng=rng),
+                            C.MaxPool2d(2), C.Conv2d(2, 3, 3, stride=2, dtype=dtype, rng=rng),
+                            C.Flatten(), L.Dense(3, 4, dtype=dtype, rng=rng))
     return [
         ("Dense(7, 4)", "layer", (layer(L.Dense(7, 4, dtype=dtype, rng=rng)), randn(n, 7))),
         ("Dense(7, 4, xavier)", "layer",
@@ -138,6 +174,29 @@ def standard_cases(rng: np.random.Generator, dtype=np.float64, device="cpu"):
         ("Softmax(axis=0)", "layer", (L.Softmax(axis=0), randn(n, c))),
         ("mlp 7-8-8-5 relu", "layer", (layer(L.mlp([7, 8, 8, 5], dtype=dtype, rng=rng)), randn(n, 7))),
         ("mlp 7-8-5 tanh", "layer", (layer(L.mlp([7, 8, 5], "tanh", dtype=dtype, rng=rng)), randn(n, 7))),
+        ("LeakyReLU", "layer", (L.LeakyReLU(), away_from_zero(n, c))),
+        ("LeakyReLU(-0.5)", "layer", (L.LeakyReLU(-0.5), away_from_zero(n, c))),
+        ("GELU", "layer", (L.GELU(), 2 * randn(n, c))),
+        ("GELU(tanh)", "layer", (L.GELU(approximate="tanh"), 2 * randn(n, c))),
+        ("Conv2d(2, 3, 3, stride=2, padding=1)", "layer",
+         (conv(2, 3, 3, stride=2, padding=1), randn(2, 2, 7, 6))),
+        ("Conv2d(3, 2, 5, padding=2) batch 1", "layer", (conv(3, 2, 5, padding=2), randn(1, 3, 6, 9))),
+        ("Conv2d(2, 3, (3, 5), stride=(2, 1))", "layer",
+         (conv(2, 3, (3, 5), stride=(2, 1), padding=(1, 0)), randn(2, 2, 5, 8))),
+        ("Conv2d(2, 2, 3, bias=False, relu)", "layer",
+         (conv(2, 2, 3, bias=False, activation="relu"), randn(2, 2, 5, 4))),
+        ("MaxPool2d(2)", "layer", (C.MaxPool2d(2), distinct(2, 3, 6, 5))),
+        ("MaxPool2d(3, stride=2) batch 1", "layer", (C.MaxPool2d(3, 2), distinct(1, 2, 7, 8))),
+        ("AvgPool2d(2)", "layer", (C.AvgPool2d(2), randn(2, 3, 5, 6))),
+        ("AvgPool2d((3, 2), stride=1)", "layer", (C.AvgPool2d((3, 2), 1), randn(1, 2, 5, 4))),
+        ("Flatten", "layer", (C.Flatten(), randn(2, 3, 2, 2))),
+        ("BatchNorm1d(4)", "layer", (layer(batch_norm(N.BatchNorm1d(4, dtype=dtype))), randn(n, 4))),
+        ("BatchNorm1d(3) (N, C, L)", "layer",
+         (layer(batch_norm(N.BatchNorm1d(3, dtype=dtype))), randn(2, 3, 5))),
+        ("BatchNorm2d(3) batch 1", "layer",
+         (layer(batch_norm(N.BatchNorm2d(3, dtype=dtype))), randn(1, 3, 5, 4))),
+        ("Dropout(0.4)", "layer", (layer(SameMask(0.4, seed=int(rng.integers(2 ** 32)))), randn(n, c))),
+        ("CNN conv-pool-conv-flatten-dense", "layer", (layer(tiny_cnn), randn(2, 1, 6, 6))),
         ("SoftmaxCrossEntropy", "loss", (Lo.SoftmaxCrossEntropy(), randn(n, c), labels)),
         ("SoftmaxCrossEntropy sum", "loss",
          (Lo.SoftmaxCrossEntropy(reduction="sum"), randn(n, c), labels)),

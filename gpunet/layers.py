@@ -208,6 +208,21 @@ class Module:
     def parameters(self) -> list[Parameter]:
         return [p for _, p in self.named_parameters()]
 
+    def register_buffer(self, name: str, array) -> None:
+        """Keep ``array`` as attribute ``name``: state that is not trained (batch norm's running
+        statistics), which ``state_dict`` saves and ``to()`` moves, as PyTorch's buffers.
+        Update it in place, so that ``load_state_dict`` and ``to()`` reach it."""
+        if name not in vars(self).setdefault("_buffer_names", []):
+            self._buffer_names.append(name)
+        setattr(self, name, array)
+
+    def named_buffers(self, prefix: str = ""):
+        """(name, array) pairs of the registered buffers, in a stable order."""
+        for name in vars(self).get("_buffer_names", ()):
+            yield prefix + name, getattr(self, name)
+        for name, child in self.children():
+            yield from child.named_buffers(f"{prefix}{name}.")
+
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero every parameter's gradient in place; with ``set_to_none`` their ``.grad`` also
         reads None until the next backward (see :class:`Parameter`)."""
@@ -229,31 +244,47 @@ class Module:
         return self.train(False)
 
     def state_dict(self) -> dict:
-        """A copy of every parameter, by name, on the module's device."""
-        return {name: p.data.copy() for name, p in self.named_parameters()}
+        """A copy of every parameter and buffer, by name, on the module's device."""
+        state = {name: p.data.copy() for name, p in self.named_parameters()}
+        state.update((name, b.copy()) for name, b in self.named_buffers())
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        """Copy ``state`` into the parameters in place; names and shapes must match exactly."""
-        own = dict(self.named_parameters())
+        """Copy ``state`` into the parameters and buffers in place; names and shapes must match
+        exactly."""
+        own = {name: p.data for name, p in self.named_parameters()}
+        own.update(self.named_buffers())
         missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         if missing or unexpected:
             raise ValueError(f"state_dict does not match the model: missing {missing}, "
                              f"unexpected {unexpected}")
-        for name, p in own.items():
-            value = state[name]
-            if tuple(value.shape) != p.data.shape:
-                raise ValueError(f"state_dict tensor {name!r} has shape {tuple(value.shape)} but "
-                                 f"the model's is {p.data.shape}")
-        for name, p in own.items():
-            p.data[...] = to_device(state[name], device_of(p.data)).astype(p.data.dtype, copy=False)
+        for name, a in own.items():
+            shape = tuple(np.shape(state[name]))  # a 0-d buffer may come back as a scalar
+            if shape != a.shape:
+                raise ValueError(f"state_dict tensor {name!r} has shape {shape} but "
+                                 f"the model's is {a.shape}")
+        for name, a in own.items():
+            a[...] = to_device(state[name], device_of(a)).astype(a.dtype, copy=False)
 
     def to(self, device=None, dtype=None):
-        """Move (and/or cast) every parameter; returns self. Each parameter that changes gets a
-        zero gradient; an optimizer built before follows its parameters at its next step."""
+        """Move (and/or cast) every parameter and buffer; returns self. Each parameter that
+        changes gets a zero gradient; an optimizer built before follows its parameters at its
+        next step."""
         for p in self.parameters():
             p._move(device, dtype)
+        self._move_buffers(device, dtype)
         self._forget()
         return self
+
+    def _move_buffers(self, device, dtype) -> None:
+        """Module.to's part for buffers: floating ones take ``dtype``, integer ones keep theirs."""
+        for name in vars(self).get("_buffer_names", ()):
+            b = getattr(self, name)
+            b = b if device is None else to_device(b, device)
+            setattr(self, name, b.astype(dtype) if dtype is not None and F.is_float_dtype(b.dtype)
+                    else b)
+        for _, child in self.children():
+            child._move_buffers(device, dtype)
 
     def _forget(self) -> None:
         """Drop what forward kept (it lives on the old device)."""
@@ -412,6 +443,109 @@ class ReLU(Module):
 
     def __repr__(self) -> str:
         return "ReLU(inplace=True)" if self.inplace else "ReLU()"
+
+
+class LeakyReLU(Module):
+    """x for x > 0, ``negative_slope * x`` otherwise, as ``torch.nn.LeakyReLU`` (whose
+    derivative at exactly 0 is also the slope)."""
+
+    def __init__(self, negative_slope: float = 0.01):
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float, np.floating)) \
+                or not math.isfinite(negative_slope):
+            raise ValueError(f"negative_slope must be a finite number, got {negative_slope!r}")
+        self.negative_slope = float(negative_slope)
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        positive = x > 0
+        self._save(positive=positive)
+        return xp.where(positive, x, x * x.dtype.type(self.negative_slope))
+
+    def backward(self, dy, input_grad: bool = True):
+        positive = self._saved("positive")
+        _check_grad_shape(self, positive, dy)
+        if not input_grad:
+            return None
+        return get_array_module(dy).where(positive, dy, dy * dy.dtype.type(self.negative_slope))
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU(negative_slope={self.negative_slope})"
+
+
+class GELU(Module):
+    """x Φ(x), Φ the standard normal CDF, as ``torch.nn.GELU``: exact, Φ(x) = (1 + erf(x/√2))/2,
+    by default, or ``approximate="tanh"``: Φ(x) ≈ (1 + tanh(√(2/π) (x + 0.044715 x³)))/2.
+
+    NumPy has no erf, and a layer may not ask for cupyx, so :func:`erf` is written here once in
+    ``xp`` operations (Cephes' rational approximations, accurate to float64 rounding).
+    """
+
+    def __init__(self, approximate: str = "none"):
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        if self.approximate == "tanh":
+            t = xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))
+            self._save(x=x, t=t)
+            return 0.5 * x * (1 + t)
+        cdf = 0.5 * (1 + erf(x * (1 / math.sqrt(2))))
+        self._save(x=x, t=cdf)
+        return x * cdf
+
+    def backward(self, dy, input_grad: bool = True):
+        x, t = self._saved("x"), self._saved("t")
+        _check_grad_shape(self, x, dy)
+        if not input_grad:
+            return None
+        xp = get_array_module(x, dy)
+        if self.approximate == "tanh":  # d/dx of x (1 + t) / 2, t = tanh(u), u' = c (1 + 3a x²)
+            du = math.sqrt(2 / math.pi) * (1 + 3 * 0.044715 * x * x)
+            return dy * (0.5 * (1 + t) + 0.5 * x * (1 - t * t) * du)
+        pdf = xp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+        return dy * (t + x * pdf)  # d/dx x Φ(x) = Φ(x) + x φ(x)
+
+    def __repr__(self) -> str:
+        return "GELU()" if self.approximate == "none" else f"GELU(approximate={self.approximate!r})"
+
+
+# Cephes' erf (|x| < 1) and erfc (|x| >= 1) rational approximations (S. L. Moshier, public
+# domain; scipy's ndtr uses the same), highest power first; relative error ~1e-16.
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)
+_ERF_U = (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)
+_ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)
+
+
+def erf(x):
+    """The error function, elementwise on numpy or cupy arrays, in x's float dtype.
+
+    Both branches are evaluated everywhere and one is kept (``where``), so that it is a fixed
+    sequence of elementwise operations on either library. erfc(a) = exp(-a²) P(a)/Q(a) is used
+    for 1 <= |x| < 6, beyond which erf is 1 to float64 precision.
+    """
+    xp = get_array_module(x)
+    a = xp.minimum(xp.abs(x), x.dtype.type(6))
+    z = a * a
+    small = a * _poly(z, _ERF_T) / _poly(z, _ERF_U)
+    large = 1 - xp.exp(-z) * _poly(a, _ERFC_P) / _poly(a, _ERFC_Q)
+    return xp.copysign(xp.where(a < 1, small, large), x)
+
+
+def _poly(x, coefficients):
+    """sum c_k x^(n-k) by Horner's rule, highest power first."""
+    y = x * 0 + coefficients[0]
+    for c in coefficients[1:]:
+        y = y * x + c
+    return y
 
 
 class Sigmoid(Module):

@@ -263,3 +263,44 @@ def test_sequential_copies_only_what_a_caller_holds(rng):
     h = inplace(x)
     assert h.shape == (2, 3) and inplace[2]._saved("x") is not inplace[1]._saved("y")
 
+
+# --- LeakyReLU and GELU ---------------------------------------------------------------------------
+
+def test_erf_to_float64_rounding():
+    import math
+    x = np.concatenate([np.linspace(-7, 7, 20001), [0.0, 1.0, -1.0, 1 - 1e-12, 5.99, 6.01, 40.0]])
+    expected = np.array([math.erf(v) for v in x])
+    np.testing.assert_allclose(L.erf(x), expected, rtol=2e-15, atol=1e-300)
+    assert L.erf(x.astype(np.float32)).dtype == np.float32
+    assert np.isnan(L.erf(np.array([np.nan])))[0] and list(L.erf(np.array([-np.inf, np.inf]))) == [-1, 1]
+
+
+@pytest.mark.parametrize("make,name", [(lambda: L.LeakyReLU(), "LeakyReLU"),
+                                       (lambda: L.LeakyReLU(0.2), "LeakyReLU"),
+                                       (lambda: L.GELU(), "GELU"),
+                                       (lambda: L.GELU(approximate="tanh"), "GELU")])
+def test_activations_match_torch(rng, make, name):
+    torch = pytest.importorskip("torch")
+    ours = make()
+    kwargs = {"negative_slope": ours.negative_slope} if name == "LeakyReLU" else \
+        {"approximate": ours.approximate}
+    ref = getattr(torch.nn, name)(**kwargs)
+    x = 4 * rng.standard_normal((7, 9))
+    x[0, :3] = 0.0  # the derivative at 0 is torch's too
+    xt = torch.tensor(x, requires_grad=True)
+    y, yt = ours(x), ref(xt)
+    np.testing.assert_allclose(y, yt.detach().numpy(), rtol=1e-14, atol=1e-15)
+    g = rng.standard_normal(x.shape)
+    yt.backward(torch.from_numpy(g))
+    # GELU's Φ(x) + x φ(x) cancels for x < -2, where torch's erf and ours differ in the last bits
+    np.testing.assert_allclose(ours.backward(g), xt.grad.numpy(), rtol=1e-13, atol=1e-13)
+
+
+def test_activation_arguments_and_reprs():
+    with pytest.raises(ValueError, match="negative_slope must be a finite number, got 'x'"):
+        L.LeakyReLU("x")
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'erf'"):
+        L.GELU("erf")
+    assert repr(L.LeakyReLU()) == "LeakyReLU(negative_slope=0.01)"
+    assert repr(L.GELU()) == "GELU()" and repr(L.GELU("tanh")) == "GELU(approximate='tanh')"
+    assert L.GELU()(np.ones(3, np.float32)).dtype == np.float32

@@ -1,0 +1,140 @@
+"""Dropout, and the counter-based random numbers that draw its mask on a GPU.
+
+``Dropout(p)`` zeroes each element with probability p in training and scales the rest by
+1 / (1 - p) ("inverted" dropout, as PyTorch), so that eval mode is the identity.
+
+Where the mask comes from:
+
+- numpy arrays: gpunet's seeded host generator (``rng``, default the one ``gpunet.manual_seed``
+  seeds), as uniform floats compared with p;
+- cupy arrays: :func:`philox4x32`, a counter-based generator (Salmon et al., "Parallel random
+  numbers: as easy as 1, 2, 3", SC 2011; the Philox-4x32-10 of cuRAND and Random123). Each
+  element's random word is a pure function of (seed, step counter, element index), so it is
+  drawn on the device with no host synchronisation and no generator state on the host. cuRAND's
+  host API refuses CUDA-graph capture; here the step counter is a 0-d device array that each
+  forward increments in place, so a captured step replays with a fresh mask every time.
+
+``philox4x32`` is one formula in ``xp`` integer operations (32x32->64-bit products, shifts and
+xors on uint32/uint64 arrays), which numpy and cupy both run elementwise: the same seed and
+counter give the same mask on both devices. ``Dropout(p, counter_based=True)`` uses it on the
+CPU too (to reproduce a GPU run's masks there), at about 140 elementwise operations per draw
+(14 a round). On a GPU that is as many small kernel launches; one fused ElementwiseKernel of
+the same formula would make it one (not written yet: it needs a GPU to be tested on).
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .backend import default_rng, device_of, get_array_module, is_cuda_array, to_device
+from .layers import Module, _check_grad_shape
+
+# Philox-4x32's round multipliers and Weyl key increments (Salmon et al., table 2).
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def philox4x32(counter, key, rounds: int = 10):
+    """Philox-4x32-``rounds``: four uint32 words of a 128-bit counter and two of a 64-bit key
+    to four uint32 words of output, elementwise.
+
+    ``counter`` holds four uint32 arrays (or 0-d arrays) that broadcast together; ``key`` two
+    Python ints. One round is two 32x32->64-bit products, whose high halves are xored with the
+    other two counter words and the key; the key takes a Weyl step between rounds.
+    """
+    xp = get_array_module(*counter)
+    u32, u64 = np.uint32, np.uint64
+    c0, c1, c2, c3 = (xp.asarray(c, dtype=u32) for c in counter)
+    k0, k1 = int(key[0]) & _MASK32, int(key[1]) & _MASK32
+    for r in range(rounds):
+        if r:
+            k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+        p0 = c0.astype(u64) * u64(PHILOX_M0)
+        p1 = c2.astype(u64) * u64(PHILOX_M1)
+        hi0, lo0 = (p0 >> u64(32)).astype(u32), p0.astype(u32)
+        hi1, lo1 = (p1 >> u64(32)).astype(u32), p1.astype(u32)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ u32(k0), lo1, hi0 ^ c3 ^ u32(k1), lo0
+    return c0, c1, c2, c3
+
+
+def counter_words(n: int, seed: int, counter, xp=None):
+    """n uint32 random words for step ``counter`` (a 0-d uint64 array, or an int) of stream
+    ``seed``: element i is word i % 4 of Philox(counter = (i // 4, step_lo, step_hi, 0),
+    key = seed's two 32-bit halves)."""
+    if xp is None:
+        xp = get_array_module(counter)
+    blocks = -(-n // 4)
+    if blocks > _MASK32 + 1:
+        raise ValueError(f"counter_words draws at most 2**34 words at once, asked for {n}")
+    step = xp.asarray(counter, dtype=np.uint64)
+    words = philox4x32((xp.arange(blocks, dtype=np.uint32), step & np.uint64(_MASK32),
+                        step >> np.uint64(32), xp.zeros((), dtype=np.uint32)),
+                       (seed & _MASK32, seed >> 32))
+    return xp.stack(xp.broadcast_arrays(*words), axis=-1).reshape(-1)[:n]
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, each element is zeroed with probability ``p`` and the
+    others are scaled by 1 / (1 - p); in eval mode it is the identity (``torch.nn.Dropout``).
+
+    ``counter_based`` None (the default) draws the mask with the host generator ``rng`` for
+    numpy arrays and with :func:`philox4x32` on the device for cupy arrays; True uses Philox on
+    both (the same masks on both devices). ``seed`` (default: drawn from ``rng`` now) keys the
+    Philox stream, and ``counter``, a 0-d uint64 array on the input's device, counts its draws.
+    """
+
+    def __init__(self, p: float = 0.5, *, counter_based: bool | None = None,
+                 seed: int | None = None, rng: np.random.Generator | None = None):
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"p must be a probability in [0, 1], got {p!r}")
+        if counter_based not in (None, True, False):
+            raise TypeError(f"counter_based must be None, True or False, got {counter_based!r}")
+        if seed is None:
+            seed = int((default_rng() if rng is None else rng).integers(0, 2 ** 64, dtype=np.uint64))
+        elif isinstance(seed, bool) or not isinstance(seed, numbers.Integral) \
+                or not 0 <= seed < 2 ** 64:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        self.p, self.counter_based, self.seed, self.rng = float(p), counter_based, int(seed), rng
+        self.counter = np.zeros((), dtype=np.uint64)
+
+    def mask(self, x):
+        """The scaled keep-mask for one training step (0 or 1/(1-p), in x's dtype); a draw."""
+        xp = get_array_module(x)
+        scale = x.dtype.type(0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p))
+        if self.counter_based or (self.counter_based is None and is_cuda_array(x)):
+            if device_of(self.counter) != device_of(x):
+                self.counter = to_device(self.counter, device_of(x))
+            words = counter_words(x.size, self.seed, self.counter, xp)
+            self.counter += np.uint64(1)  # in place: on a GPU a kernel, which a graph replays
+            # keep when word >= p * 2**32, probability 1 - p to within 2**-32
+            threshold = np.uint32(min(int(self.p * 2 ** 32), _MASK32))
+            keep = (words >= threshold).reshape(x.shape)
+        else:
+            rng = default_rng() if self.rng is None else self.rng
+            keep = to_device(rng.random(x.shape, dtype=np.float32) >= self.p, device_of(x))
+        return keep.astype(x.dtype) * scale
+
+    def forward(self, x):
+        if not hasattr(x, "dtype"):
+            raise TypeError(f"{self!r} expects a numpy or cupy array, got {type(x).__name__}")
+        if not self.training or self.p == 0.0:
+            self._save(mask=1)
+            return x
+        m = self.mask(x)
+        self._save(mask=m)
+        return x * m
+
+    def backward(self, dy, input_grad: bool = True):
+        m = self._saved("mask")
+        if not input_grad:
+            return None
+        if isinstance(m, int):  # p = 0: the identity
+            return dy
+        _check_grad_shape(self, m, dy)
+        return dy * m
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
