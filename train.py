@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 from gpunet.trainer import DEFAULT_LR, DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig
 
@@ -173,6 +174,9 @@ def _end(comm, code: int) -> int:
     if comm is not None and comm.size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
+        # MPI_Abort tears the launch down at once; the launcher forwards a rank's output a
+        # moment after it is written, so give the one line the time to get out first.
+        time.sleep(0.5)
         comm.abort(code)
     return code
 

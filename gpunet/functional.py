@@ -332,7 +332,7 @@ class _CrossEntropyPlan:
 
     def grad(self, lse: "LogSumExp", grad_output=1.0):
         """The gradient, rebuilding p = exp((x - m) - log_sum) from the kept log-sum-exp."""
-        xp, x, scale = self.xp, self.logits, self.row_scale(grad_output)
+        x, scale = self.logits, self.row_scale(grad_output)
         if self.probability_target:
             a = self.coefficients()
             p = lse.probabilities(x)
