@@ -284,8 +284,8 @@ class Trainer:
         # each rank takes its shard of it. batch_sizes are this rank's rows per step.
         self.global_batch = config.batch_size * self.comm.size
         self.global_batch_sizes = np.diff(np.r_[0:self.n_train:self.global_batch, self.n_train])
-        self.batch_sizes = np.array([np.subtract(*distributed.shard(int(g), self.comm)[::-1])
-                                     for g in self.global_batch_sizes], dtype=np.int64)
+        self._shards = [distributed.shard(int(g), self.comm) for g in self.global_batch_sizes]
+        self.batch_sizes = np.array([hi - lo for lo, hi in self._shards], dtype=np.int64)
         self.steps_per_epoch = len(self.global_batch_sizes)
         in_features = int(np.prod(data.x_train.shape[1:]))
         batch_rows = min(config.batch_size, self.n_train)
@@ -477,8 +477,7 @@ class Trainer:
         if self.comm.size == 1:
             return order
         starts = np.r_[0, np.cumsum(self.global_batch_sizes)[:-1]]
-        shards = [distributed.shard(int(g), self.comm) for g in self.global_batch_sizes]
-        return np.concatenate([order[s + lo:s + hi] for s, (lo, hi) in zip(starts, shards)])
+        return np.concatenate([order[s + lo:s + hi] for s, (lo, hi) in zip(starts, self._shards)])
 
     def _steps(self, order, meter, progress) -> None:
         """The eager loop: a batch gather into fixed buffers, forward, loss, backward, update."""

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..backend import add_into
 from . import cublas
 
 try:
@@ -1034,7 +1035,7 @@ def matmul(a, b, out=None, beta: float = 0.0):
                             "dtype (float16, bfloat16, float32 or float64), got "
                             f"{a.dtype}{list(a.shape)} @ {b.dtype}{list(b.shape)}")
         if beta:
-            return _add_into(out, cupy.matmul(a, b), beta)
+            return add_into(out, cupy.matmul(a, b), beta)
         return cupy.matmul(a, b, out=out)
     m, k = a.shape
     if b.shape[0] != k:
@@ -1049,7 +1050,8 @@ def matmul(a, b, out=None, beta: float = 0.0):
         raise ValueError(f"out must be a {m}x{n} array of {a.dtype}, got {out.dtype}{list(out.shape)}")
     # cuBLAS writes C-order rows into memory that no operand may share: otherwise compute into
     # a fresh buffer (holding out's old values when beta adds to them), then copy in.
-    if not out.flags.c_contiguous or _overlap(out, a) or _overlap(out, b):
+    if not out.flags.c_contiguous or cupy.may_share_memory(out, a) \
+            or cupy.may_share_memory(out, b):
         out[...] = matmul(a, b, None) if not beta else matmul(a, b, out.copy(), beta)
         return out
     if m == 0 or n == 0:
@@ -1087,23 +1089,3 @@ def gemm_arguments(m: int, n: int, k: int, a_is_c_order: bool, b_is_c_order: boo
     op_b, ld_b = (cublas.OP_N, n) if b_is_c_order else (cublas.OP_T, k)
     op_a, ld_a = (cublas.OP_N, k) if a_is_c_order else (cublas.OP_T, m)
     return op_b, op_a, ld_b, ld_a, n
-
-
-def _add_into(out, value, beta):
-    out *= beta
-    out += value
-    return out
-
-
-def _overlap(x, y) -> bool:
-    """Whether the memory spans of two arrays intersect (by address range: conservative)."""
-    if x.size == 0 or y.size == 0:
-        return False
-    def span(v):
-        low = high = v.data.ptr
-        for extent, stride in zip(v.shape, v.strides):
-            reach = (extent - 1) * stride
-            low, high = (low + reach, high) if stride < 0 else (low, high + reach)
-        return low, high + v.itemsize
-    (a0, a1), (b0, b1) = span(x), span(y)
-    return a0 < b1 and b0 < a1
