@@ -28,6 +28,7 @@ import numpy as np
 
 from . import functional as F
 from .backend import add_into, default_rng, device_of, get_array_module
+from .kernels import cpu as cpu_kernels
 from .layers import Dense, Module, Parameter, Sequential
 
 
@@ -99,7 +100,15 @@ class Conv2d(Module):
 
     ``activation="relu"`` fuses a ReLU into the layer, as in ``Dense``: the bias and the ReLU in
     one pass over the product forward, the ReLU and bias gradients in one pass backward.
+
+    On the host, with the compiled kernels, the im2col matrix is never made whole: it is made
+    and multiplied a tile of rows at a time, in cache (``kernels/_cpu_conv.h``), and made again
+    in backward from the input, which the layer keeps (copied unless ``copy_input=False``,
+    as ``Dense.forward`` says). Otherwise the NumPy path below runs: the same formulas.
     """
+
+    keeps_input = True
+    returns_new_array = True
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
                  bias: bool = True, *, activation: str | None = None, dtype=np.float32,
@@ -125,7 +134,7 @@ class Conv2d(Module):
             if bias else None
         self._workspace = _Workspace()
 
-    def forward(self, x):
+    def forward(self, x, *, copy_input: bool = True):
         _check_images(self, x, self.in_channels)
         xp = get_array_module(x, self.weight.data)
         if x.dtype != self.weight.dtype:
@@ -134,8 +143,21 @@ class Conv2d(Module):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         oh, ow = _output_size(self, (h, w), self.kernel_size, self.stride, self.padding)
-        mode = "train" if self.training else "eval"
         nhwc = x.transpose(0, 2, 3, 1)
+        k = kh * kw * c
+        w_mat = self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels)  # (K, O)
+        bias = None if self.bias is None else self.bias.data
+        if cpu_kernels.conv_available(x):
+            kept = nhwc if nhwc.flags.c_contiguous else np.ascontiguousarray(nhwc)
+            if self.training and copy_input and kept is nhwc:
+                kept = nhwc.copy()  # the caller may write into x before backward
+            w_mat = np.ascontiguousarray(w_mat)
+            y = cpu_kernels.conv2d_forward(kept, w_mat, bias, self.activation == "relu",
+                                           self.kernel_size, self.stride, self.padding, (oh, ow))
+            self._save(x=kept, cols=None, w_mat=w_mat, y=y if self.activation else None,
+                       shape=(n, c, h, w, oh, ow))
+            return y.transpose(0, 3, 1, 2)
+        mode = "train" if self.training else "eval"
         if ph or pw:  # the border stays zero from the first call on; only the inside is written
             padded = self._workspace.get("padded " + mode, xp, (n, h + 2 * ph, w + 2 * pw, c),
                                          x.dtype, x, zero=True)
@@ -145,23 +167,34 @@ class Conv2d(Module):
         s_n, s_h, s_w, s_c = padded.strides
         windows = xp.lib.stride_tricks.as_strided(
             padded, shape=(n, oh, ow, kh, kw, c), strides=(s_n, sh * s_h, sw * s_w, s_h, s_w, s_c))
-        k = kh * kw * c
         cols = self._workspace.get("cols " + mode, xp, (n * oh * ow, k), x.dtype, x)
         cols.reshape(n, oh, ow, kh, kw, c)[...] = windows  # the one im2col copy
-        w_mat = self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels)  # (K, O)
-        y = F.linear(cols, w_mat, None if self.bias is None else self.bias.data,
-                     relu=self.activation == "relu")  # (M, O): NHWC memory
-        self._save(cols=cols, w_mat=w_mat, y=y if self.activation else None,
+        y = F.linear(cols, w_mat, bias, relu=self.activation == "relu")  # (M, O): NHWC memory
+        self._save(x=None, cols=cols, w_mat=w_mat, y=y if self.activation else None,
                    shape=(n, c, h, w, oh, ow))
         return y.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad: bool = True):
-        cols, w_mat = self._saved("cols"), self._saved("w_mat")
-        n, c, h, w, oh, ow = self._saved("shape")
-        xp = get_array_module(cols, dy)
+        w_mat, (n, c, h, w, oh, ow) = self._saved("w_mat"), self._saved("shape")
+        kept = getattr(self, "_saved_x", None)
         if tuple(dy.shape) != (n, self.out_channels, oh, ow):
             raise ValueError(f"{self!r}.backward expects dy of shape "
                              f"{(n, self.out_channels, oh, ow)}, got {tuple(dy.shape)}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if kept is not None:
+            get_array_module(kept, dy)  # refuses a numpy/cupy mix
+            dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=kept.dtype)
+            dw, dx = cpu_kernels.conv2d_backward(
+                kept, w_mat, dy_nhwc, self._saved("y") if self.activation else None,
+                None if self.bias is None else self.bias.grad_buffer(),
+                0.0 if self.bias is None else self.bias.grad_decay, input_grad,
+                self.kernel_size, self.stride, self.padding)
+            add_into(self.weight.grad_buffer(),
+                     dw.reshape(kh, kw, c, self.out_channels).transpose(3, 2, 0, 1),
+                     self.weight.grad_decay)
+            return None if dx is None else dx.transpose(0, 3, 1, 2)
+        cols = self._saved("cols")
+        xp = get_array_module(cols, dy)
         # (M, O): a view when dy is in the layout this layer's forward gave, else one copy
         dy_mat = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, self.out_channels)
         bias_grad = None if self.bias is None else self.bias.grad_buffer()
@@ -170,7 +203,6 @@ class Conv2d(Module):
             dy_mat = F.relu_backward(dy_mat, self._saved("y"), bias_grad=bias_grad, beta=bias_beta)
         elif bias_grad is not None:
             F.column_sums(dy_mat, bias_grad, beta=bias_beta)
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         # (K, O) = colsᵀ @ dy rather than (O, K) = dyᵀ @ cols: with numpy's OpenBLAS the first
         # was the faster at the small CNN's second layer (16-58 ms against 44-850 ms, loaded)
         dw = F.matmul(cols.T, dy_mat)
@@ -251,8 +283,16 @@ class MaxPool2d(_Pool2d):
     """The maximum of each window. Its gradient goes to the first maximum of the window in
     row-major order, as in PyTorch (ties do not share it); a NaN in a window gives NaN."""
 
+    returns_new_array = True
+
     def forward(self, x):
         views = self._windows(x)
+        nhwc = x.transpose(0, 2, 3, 1)
+        if len(views) <= 256 and cpu_kernels.conv_available(x) and nhwc.flags.c_contiguous:
+            y, index = cpu_kernels.max_pool2d_forward(nhwc, self.kernel_size, self.stride,
+                                                      views[0].shape[2:], self.training)
+            self._save(x=x, index=index, nhwc=True)  # index is (N, OH, OW, C) here
+            return y.transpose(0, 3, 1, 2)
         xp = get_array_module(x)
         y = views[0].copy(order="K")
         # Which offset holds each window's first maximum: only a strictly greater value moves
@@ -269,7 +309,7 @@ class MaxPool2d(_Pool2d):
                 xp.multiply(views[t] > y, index.dtype.type(t), out=scratch)
                 xp.maximum(index, scratch, out=index)
             xp.maximum(y, views[t], out=y)
-        self._save(x=x, index=index)
+        self._save(x=x, index=index, nhwc=False)
         return y
 
     def backward(self, dy, input_grad: bool = True):
@@ -277,6 +317,12 @@ class MaxPool2d(_Pool2d):
         self._check_dy(dy, x)
         if not input_grad:
             return None
+        if self._saved("nhwc"):  # the compiled forward's
+            get_array_module(x, dy)  # refuses a numpy/cupy mix
+            dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=x.dtype)
+            n, c, h, w = x.shape
+            return cpu_kernels.max_pool2d_backward(dy_nhwc, index, (n, h, w, c), self.kernel_size,
+                                                   self.stride).transpose(0, 3, 1, 2)
         return self._input_grad(dy, x, lambda t, out: get_array_module(dy).multiply(
             dy, index == t, out=out))
 

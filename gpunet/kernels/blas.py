@@ -90,6 +90,23 @@ def _thread_setter():
     return None
 
 
+def thread_addresses() -> tuple[int, int] | None:
+    """The addresses of numpy's OpenBLAS ``set_num_threads`` and ``get_num_threads``, for the
+    compiled conv kernels, which run their own threads with BLAS on one thread each meanwhile;
+    None where either is missing."""
+    for path in _numpy_blas_libraries():
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for prefix, suffix in (("scipy_openblas", "64_"), ("openblas", "64_"), ("openblas", "")):
+            pair = [getattr(lib, f"{prefix}_{kind}_num_threads{suffix}", None)
+                    for kind in ("set", "get")]
+            if None not in pair:
+                return tuple(ctypes.cast(f, ctypes.c_void_p).value for f in pair)
+    return None
+
+
 def set_threads(n: int) -> bool:
     """Let numpy's OpenBLAS use ``n`` threads from now on; False where it cannot be told.
 

@@ -8,6 +8,8 @@ loop for each, with the formula of its NumPy twin, which stays the reference:
     bias_relu_                  functional.bias_relu_
     relu_backward               functional.relu_backward
     gemm                        functional.matmul with beta (BLAS gemm, which numpy does not expose)
+    conv2d_forward, _backward   conv.Conv2d's im2col, product, bias and ReLU, a tile at a time
+    max_pool2d_forward, _backward  conv.MaxPool2d
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     sgd_update, adam_update     optim.SGD._update, optim.Adam._update
 
@@ -42,6 +44,7 @@ if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0"
     _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
 if _lib is not None:
     _lib.set_gemm(blas.gemm_address(np.float32), blas.gemm_address(np.float64))
+    _lib.set_blas_threads(*(blas.thread_addresses() or (None, None)))
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _REDUCTIONS = {"mean": 0, "sum": 1, "none": 2}
@@ -103,6 +106,52 @@ def gemm(a, b, beta: float, out) -> bool:
             or not a.dtype == b.dtype == out.dtype:
         return False
     return _lib.gemm(a, b, beta, out)
+
+
+# --- convolution and max pooling ------------------------------------------------------------
+
+def conv_available(x) -> bool:
+    """Whether the conv and pooling kernels take arrays like ``x``: host float32/float64, with
+    a BLAS gemm for the dtype. They take channels-last arrays (N, H, W, C), C-contiguous."""
+    return _lib is not None and type(x) is np.ndarray and x.dtype in _FLOATS \
+        and blas.gemm_address(x.dtype) is not None
+
+
+def conv2d_forward(x, w, bias, relu: bool, kernel, stride, padding, out_size):
+    """y (N, OH, OW, O) = the convolution of channels-last ``x`` (N, H, W, C) with ``w``
+    (K, O), K = kh * kw * C in (i, j, c) order, plus ``bias``, then ReLU when ``relu``: the
+    im2col matrix is made and consumed a tile of rows at a time (see _cpu_conv.h)."""
+    y = np.empty((x.shape[0], *out_size, w.shape[1]), dtype=x.dtype)
+    _lib.conv2d_forward(x, w, bias, y, relu, *kernel, *stride, *padding)
+    return y
+
+
+def conv2d_backward(x, w, dy, y, bias_grad, beta: float, input_grad: bool, kernel, stride,
+                    padding):
+    """(dW (K, O), dx (N, H, W, C) or None) of :func:`conv2d_forward` for upstream ``dy``
+    (N, OH, OW, O); ``y``, the forward's output, masks dy for a fused ReLU (None: none). The
+    bias gradient, with ``bias_grad``, goes there, added to ``beta * bias_grad``."""
+    dw = np.empty(w.shape, dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
+    _lib.conv2d_backward(x, w, dy, y, dw, bias_grad, beta, dx, *kernel, *stride, *padding)
+    return dw, dx
+
+
+def max_pool2d_forward(x, kernel, stride, out_size, with_index: bool):
+    """(y, index) of max pooling channels-last ``x``: index (uint8, or None when not asked)
+    holds each window's offset of its first maximum, row-major."""
+    shape = (x.shape[0], *out_size, x.shape[3])
+    y = np.empty(shape, dtype=x.dtype)
+    index = np.empty(shape, dtype=np.uint8) if with_index else None
+    _lib.max_pool2d_forward(x, y, index, *kernel, *stride)
+    return y, index
+
+
+def max_pool2d_backward(dy, index, in_shape, kernel, stride):
+    """dx (channels-last, of ``in_shape``) of max pooling for upstream ``dy``."""
+    dx = np.empty(in_shape, dtype=dy.dtype)
+    _lib.max_pool2d_backward(dy, index, dx, *kernel, *stride)
+    return dx
 
 
 # --- cross-entropy -----------------------------------------------------------------------------------
