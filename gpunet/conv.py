@@ -155,7 +155,7 @@ class Conv2d(Module):
             y = cpu_kernels.conv2d_forward(kept, w_mat, bias, self.activation == "relu",
                                            self.kernel_size, self.stride, self.padding, (oh, ow))
             self._save(x=kept, cols=None, w_mat=w_mat, y=y if self.activation else None,
-                       shape=(n, c, h, w, oh, ow))
+                       shape=(n, c, h, w, oh, ow), fused=False)
             return y.transpose(0, 3, 1, 2)
         mode = "train" if self.training else "eval"
         if ph or pw:  # the border stays zero from the first call on; only the inside is written
@@ -171,7 +171,7 @@ class Conv2d(Module):
         cols.reshape(n, oh, ow, kh, kw, c)[...] = windows  # the one im2col copy
         y = F.linear(cols, w_mat, bias, relu=self.activation == "relu")  # (M, O): NHWC memory
         self._save(x=None, cols=cols, w_mat=w_mat, y=y if self.activation else None,
-                   shape=(n, c, h, w, oh, ow))
+                   shape=(n, c, h, w, oh, ow), fused=False)
         return y.reshape(n, oh, ow, self.out_channels).transpose(0, 3, 1, 2)
 
     def backward(self, dy, input_grad: bool = True):
@@ -184,15 +184,21 @@ class Conv2d(Module):
         if kept is not None:
             get_array_module(kept, dy)  # refuses a numpy/cupy mix
             dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=kept.dtype)
+            y = None
+            if self.activation and self._saved("fused"):
+                # the forward pooled its output and kept none of it (forward_max_pool): this
+                # backward, called on its own, makes it again for the ReLU's mask
+                y = cpu_kernels.conv2d_forward(kept, w_mat, None if self.bias is None
+                                               else self.bias.data, True, self.kernel_size,
+                                               self.stride, self.padding, (oh, ow))
+            elif self.activation:
+                y = self._saved("y")
             dw, dx = cpu_kernels.conv2d_backward(
-                kept, w_mat, dy_nhwc, self._saved("y") if self.activation else None,
+                kept, w_mat, dy_nhwc, y,
                 None if self.bias is None else self.bias.grad_buffer(),
                 0.0 if self.bias is None else self.bias.grad_decay, input_grad,
                 self.kernel_size, self.stride, self.padding)
-            add_into(self.weight.grad_buffer(),
-                     dw.reshape(kh, kw, c, self.out_channels).transpose(3, 2, 0, 1),
-                     self.weight.grad_decay)
-            return None if dx is None else dx.transpose(0, 3, 1, 2)
+            return self._finish_backward(dw, dx)
         cols = self._saved("cols")
         xp = get_array_module(cols, dy)
         # (M, O): a view when dy is in the layout this layer's forward gave, else one copy
@@ -220,6 +226,74 @@ class Conv2d(Module):
                 dpadded[:, i:i + sh * (oh - 1) + 1:sh, j:j + sw * (ow - 1) + 1:sw, :] += \
                     dcols[:, :, :, i, j, :]
         return dpadded[:, ph:ph + h, pw:pw + w, :].transpose(0, 3, 1, 2)
+
+    def _finish_backward(self, dw, dx):
+        """Add the compiled kernels' dW (K, O) into the weight's gradient; dx back to NCHW."""
+        (kh, kw), c = self.kernel_size, self.in_channels
+        add_into(self.weight.grad_buffer(),
+                 dw.reshape(kh, kw, c, self.out_channels).transpose(3, 2, 0, 1),
+                 self.weight.grad_decay)
+        return None if dx is None else dx.transpose(0, 3, 1, 2)
+
+    # --- fused with the max pooling after it (Sequential.forward asks) ---------------------------
+
+    def fuses_with(self, layer, x) -> bool:
+        """Whether this layer and ``layer`` after it can run as one on ``x``: a ReLU convolution
+        and a MaxPool2d whose windows tile the output (stride = kernel, square), on the host with
+        the compiled kernels, both in the same mode."""
+        if not (isinstance(layer, MaxPool2d) and self.activation == "relu"
+                and layer.training == self.training and cpu_kernels.conv_available(x)
+                and getattr(x, "ndim", 0) == 4 and x.dtype == self.weight.dtype):
+            return False
+        (k1, k2), stride = layer.kernel_size, layer.stride
+        if not (k1 == k2 == stride[0] == stride[1] and k1 <= 16):
+            return False
+        size = [(s + 2 * p - k) // st + 1 for s, k, st, p in
+                zip(x.shape[2:], self.kernel_size, self.stride, self.padding)]
+        return min(size) >= k1
+
+    def forward_max_pool(self, x, pool: "MaxPool2d", *, copy_input: bool = True):
+        """``pool(self.forward(x))`` in one pass (see :meth:`fuses_with`): the convolution's output
+        is pooled a tile at a time, in cache, and never written whole (12.8 MB for the small
+        CNN's first layer at batch 128, written, read back, and twice more in backward). Each
+        layer keeps what its own backward needs, so ``pool.backward`` then ``self.backward``
+        give what they give unfused; :meth:`backward_max_pool` does both at once."""
+        _check_images(self, x, self.in_channels)
+        n, c, h, w = x.shape
+        oh, ow = _output_size(self, (h, w), self.kernel_size, self.stride, self.padding)
+        nhwc = x.transpose(0, 2, 3, 1)
+        kept = nhwc if nhwc.flags.c_contiguous else np.ascontiguousarray(nhwc)
+        if self.training and copy_input and kept is nhwc:
+            kept = nhwc.copy()
+        k = self.kernel_size[0] * self.kernel_size[1] * c
+        w_mat = np.ascontiguousarray(
+            self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels))
+        size = pool.kernel_size[0]
+        pooled, index = cpu_kernels.conv2d_max_pool_forward(
+            kept, w_mat, None if self.bias is None else self.bias.data, True, self.kernel_size,
+            self.stride, self.padding, (oh, ow), size, self.training)
+        self._save(x=kept, cols=None, w_mat=w_mat, y=None, shape=(n, c, h, w, oh, ow),
+                   fused=(pooled, index))
+        pool._save(x=None, shape=(n, self.out_channels, oh, ow), dtype=x.dtype, index=index,
+                   nhwc=True)
+        return pooled.transpose(0, 3, 1, 2)
+
+    def backward_max_pool(self, dy, pool: "MaxPool2d", input_grad: bool = True):
+        """``self.backward(pool.backward(dy))`` after :meth:`forward_max_pool`, in one pass."""
+        fused = self._saved("fused")
+        if not fused:
+            raise ValueError(f"{self!r}.backward_max_pool called after an unfused forward()")
+        pooled, index = fused
+        pool._check_dy(dy, pool._saved("shape"))
+        kept, w_mat = self._saved("x"), self._saved("w_mat")
+        get_array_module(kept, dy)
+        dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=kept.dtype)
+        dw, dx = cpu_kernels.conv2d_max_pool_backward(
+            kept, w_mat, dy_nhwc, pooled, index,
+            None if self.bias is None else self.bias.grad_buffer(),
+            0.0 if self.bias is None else self.bias.grad_decay, input_grad, self.kernel_size,
+            self.stride, self.padding, pool.kernel_size[0])
+        return self._finish_backward(dw, dx)
 
     def __repr__(self) -> str:
         extra = "" if self.padding == (0, 0) else f", padding={_show(self.padding)}"
@@ -266,13 +340,13 @@ class _Pool2d(Module):
                 per_offset(t, view)
         return dx
 
-    def _check_dy(self, dy, x):
-        out = _output_size(self, x.shape[2:], self.kernel_size, self.stride)
-        expected = (*x.shape[:2], *out)
-        if tuple(dy.shape) != expected:
+    def _check_dy(self, dy, shape):
+        """dy must be the gradient of this layer's output for an input of ``shape``."""
+        out = _output_size(self, shape[2:], self.kernel_size, self.stride)
+        expected = (*shape[:2], *out)
+        if tuple(getattr(dy, "shape", ())) != expected:
             raise ValueError(f"{self!r}.backward expects dy of shape {expected}, got "
-                             f"{tuple(dy.shape)}")
-        get_array_module(x, dy)
+                             f"{tuple(getattr(dy, 'shape', ()))}")
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kernel_size={_show(self.kernel_size)}, "
@@ -291,7 +365,8 @@ class MaxPool2d(_Pool2d):
         if len(views) <= 256 and cpu_kernels.conv_available(x) and nhwc.flags.c_contiguous:
             y, index = cpu_kernels.max_pool2d_forward(nhwc, self.kernel_size, self.stride,
                                                       views[0].shape[2:], self.training)
-            self._save(x=x, index=index, nhwc=True)  # index is (N, OH, OW, C) here
+            self._save(x=None, shape=tuple(x.shape), dtype=x.dtype, index=index,
+                       nhwc=True)  # index: (N, OH, OW, C)
             return y.transpose(0, 3, 1, 2)
         xp = get_array_module(x)
         y = views[0].copy(order="K")
@@ -309,20 +384,21 @@ class MaxPool2d(_Pool2d):
                 xp.multiply(views[t] > y, index.dtype.type(t), out=scratch)
                 xp.maximum(index, scratch, out=index)
             xp.maximum(y, views[t], out=y)
-        self._save(x=x, index=index, nhwc=False)
+        self._save(x=x, shape=tuple(x.shape), dtype=x.dtype, index=index, nhwc=False)
         return y
 
     def backward(self, dy, input_grad: bool = True):
-        x, index = self._saved("x"), self._saved("index")
-        self._check_dy(dy, x)
+        shape, index = self._saved("shape"), self._saved("index")
+        self._check_dy(dy, shape)
+        get_array_module(index, dy)  # refuses a numpy/cupy mix
         if not input_grad:
             return None
-        if self._saved("nhwc"):  # the compiled forward's
-            get_array_module(x, dy)  # refuses a numpy/cupy mix
-            dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=x.dtype)
-            n, c, h, w = x.shape
+        if self._saved("nhwc"):  # the compiled forward's index: (N, OH, OW, C)
+            n, c, h, w = shape
+            dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=self._saved("dtype"))
             return cpu_kernels.max_pool2d_backward(dy_nhwc, index, (n, h, w, c), self.kernel_size,
                                                    self.stride).transpose(0, 3, 1, 2)
+        x = self._saved("x")
         return self._input_grad(dy, x, lambda t, out: get_array_module(dy).multiply(
             dy, index == t, out=out))
 
@@ -342,7 +418,8 @@ class AvgPool2d(_Pool2d):
 
     def backward(self, dy, input_grad: bool = True):
         x = self._saved("x")
-        self._check_dy(dy, x)
+        self._check_dy(dy, x.shape)
+        get_array_module(x, dy)
         if not input_grad:
             return None
         share = dy * dy.dtype.type(1.0 / (self.kernel_size[0] * self.kernel_size[1]))

@@ -635,16 +635,40 @@ class Sequential(Module):
     def forward(self, x, *, copy_input: bool = True):
         """The layers in order. ``copy_input`` goes to the first layer that keeps its input
         (see Dense.forward); a later layer's input is the output of the layer before, which
-        needs no copy when that layer made it (``returns_new_array``): nobody else holds it."""
-        for layer in self.layers:
-            x = layer.forward(x, copy_input=copy_input) if layer.keeps_input else layer.forward(x)
+        needs no copy when that layer made it (``returns_new_array``): nobody else holds it.
+
+        A layer that says it ``fuses_with`` the next (a ReLU Conv2d and the MaxPool2d after it,
+        on the host) runs both in one pass, ``forward_max_pool``; backward then runs both in one,
+        ``backward_max_pool``. The results are those of the layers one by one."""
+        self._fused = set()  # indices i whose layers i and i + 1 ran as one
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            after = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if after is not None and getattr(layer, "fuses_with", None) and layer.fuses_with(after, x):
+                x = layer.forward_max_pool(x, after, copy_input=copy_input)
+                self._fused.add(i)
+                layer = after
+                i += 1
+            elif layer.keeps_input:
+                x = layer.forward(x, copy_input=copy_input)
+            else:
+                x = layer.forward(x)
             copy_input = not layer.returns_new_array
+            i += 1
         return x
 
     def backward(self, dy, input_grad: bool = True):
-        last = len(self.layers) - 1
-        for i in range(last, -1, -1):
-            dy = self.layers[i].backward(dy, input_grad=input_grad or i > 0)
+        fused = getattr(self, "_fused", ())
+        i = len(self.layers) - 1
+        while i >= 0:
+            if i - 1 in fused:
+                dy = self.layers[i - 1].backward_max_pool(dy, self.layers[i],
+                                                          input_grad=input_grad or i > 1)
+                i -= 2
+            else:
+                dy = self.layers[i].backward(dy, input_grad=input_grad or i > 0)
+                i -= 1
         return dy
 
     def __getitem__(self, i):

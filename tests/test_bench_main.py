@@ -76,18 +76,50 @@ def test_the_table_names_every_contender(tiny):
 
 def test_without_torch_its_contender_is_reported_unavailable(tmp_path, monkeypatch):
     monkeypatch.setattr(common, "_torch_cache", [common.Unavailable("PyTorch cannot be imported")])
-    result, table = run_quietly([*TINY, "--contenders", "trainer,torch",
+    result, table = run_quietly([*TINY, "--contenders", "trainer,torch", "--cnn-steps", "1",
                                  "--json", str(tmp_path / "b.json")])
     entries = result["results"]["784-16-10"]["contenders"]
     assert entries["torch"]["status"].startswith("unavailable: PyTorch cannot be imported")
     assert entries["trainer"]["status"] == "ok"
     assert result["versions"]["torch"].startswith("unavailable")
     assert "| torch eager | unavailable" in table
+    cnn = result["cnn"]
+    assert cnn["contenders"]["torch"]["status"].startswith("unavailable: PyTorch cannot")
+    assert cnn["contenders"]["gpunet"]["status"] == "ok" and "gpunet/torch" not in cnn
+    assert cnn["conv_gemm_share"] > 0
+
+
+def test_the_cnn_section_times_every_contender_on_the_same_steps(tiny):
+    result, table, path = tiny
+    cnn = json.loads(path.read_text())["cnn"]
+    assert cnn["steps_per_sample"] == 2 and cnn["batch_size"] == 128
+    assert cnn["steps_per_epoch"] == 430  # train.py's 55,000 training images
+    for key, entry in cnn["contenders"].items():
+        if key == "torch" and entry["status"].startswith("unavailable"):
+            continue
+        assert entry["status"] == "ok", (key, entry["status"])
+        assert len(entry["samples"]) == 1 and entry["median_ms_per_step"] > 0
+        assert entry["epoch_seconds"] == pytest.approx(
+            entry["median_ms_per_step"] / 1e3 * 430)
+    ms = {k: e.get("median_ms_per_step") for k, e in cnn["contenders"].items()}
+    assert cnn["conv_gemm_share"] == pytest.approx(ms["conv_floor"] / ms["gpunet"])
+    assert cnn["flops_per_step"]["conv"] == 2_890_137_600
+    if ms["torch"]:
+        assert cnn["gpunet/torch"] == pytest.approx(ms["gpunet"] / ms["torch"])
+    assert "### Small CNN" in table and "| conv GEMM floor |" in table
+
+
+def test_the_cnn_can_be_skipped(tmp_path):
+    result, table = run_quietly([*TINY, "--contenders", "floor", "--cnn-steps", "0",
+                                 "--json", str(tmp_path / "b.json")])
+    assert result["cnn"] == {"skipped": "--cnn-steps 0"}
+    assert "Small CNN: --cnn-steps 0" in table
 
 
 def test_rounds_rotate_the_order(tmp_path):
     result, _ = run_quietly(["--tiny", "--hidden", "8", "--repeats", "3", "--contenders",
-                             "floor,floor-input-grad,textbook", "--json", str(tmp_path / "b.json")])
+                             "floor,floor-input-grad,textbook", "--cnn-steps", "0",
+                             "--json", str(tmp_path / "b.json")])
     assert result["results"]["784-8-10"]["order_per_round"] == [
         ["floor", "floor_input_grad", "textbook"],
         ["floor_input_grad", "textbook", "floor"],
@@ -98,6 +130,7 @@ def test_rounds_rotate_the_order(tmp_path):
     (["--device", "tpu"], "expected cpu, cuda or cuda:N"),
     (["--contenders", "trainer,jax"], "expected a comma list"),
     (["--hidden", "0"], "expected positive hidden widths"),
+    (["--cnn-steps", "-1"], "expected an integer >= 0"),
 ])
 def test_bad_arguments_are_one_line_errors(capsys, argv, message):
     assert cli.main([*TINY, *argv]) == 2

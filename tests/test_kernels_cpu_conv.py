@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gpunet import conv as C
+from gpunet import layers as L
 from gpunet.kernels import cpu as cpu_kernels
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(),
@@ -227,26 +228,27 @@ def test_conv2d_forward_refuses_bad_arguments(change, error, match):
     x, w, y = conv_args()
     a = change({"x": x, "w": w, "b": np.zeros(4, np.float32), "y": y, "kernel": (3, 3)})
     with pytest.raises(error, match=match):
-        lib.conv2d_forward(a["x"], a["w"], a["b"], a["y"], False, *a["kernel"], 1, 1, 1, 1)
+        lib.conv2d_forward(a["x"], a["w"], a["b"], a["y"], False, *a["kernel"], 1, 1, 1, 1, 0,
+                           None)
 
 
 def test_conv2d_forward_refuses_an_output_over_its_input():
     x = np.zeros((1, 3, 3, 4), np.float32)
     w = np.zeros((4, 4), np.float32)
     with pytest.raises(ValueError, match="must not overlap"):
-        lib.conv2d_forward(x, w, None, x, False, 1, 1, 1, 1, 0, 0)
+        lib.conv2d_forward(x, w, None, x, False, 1, 1, 1, 1, 0, 0, 0, None)
 
 
 def test_conv2d_backward_refuses_bad_arguments():
     x, w, y = conv_args()
     dw = np.zeros_like(w)
     with pytest.raises(ValueError, match="dy must have shape"):
-        lib.conv2d_backward(x, w, y[:1], None, dw, None, 0.0, None, 3, 3, 1, 1, 1, 1)
+        lib.conv2d_backward(x, w, y[:1], None, dw, None, 0.0, None, 3, 3, 1, 1, 1, 1, 0, None)
     with pytest.raises(ValueError, match="dx must have shape"):
-        lib.conv2d_backward(x, w, y, None, dw, None, 0.0, x[:1], 3, 3, 1, 1, 1, 1)
+        lib.conv2d_backward(x, w, y, None, dw, None, 0.0, x[:1], 3, 3, 1, 1, 1, 1, 0, None)
     with pytest.raises(ValueError, match="must not overlap"):
-        lib.conv2d_backward(x, w, y, None, w, None, 0.0, None, 3, 3, 1, 1, 1, 1)
-    with pytest.raises(TypeError, match="takes 14 arguments"):
+        lib.conv2d_backward(x, w, y, None, w, None, 0.0, None, 3, 3, 1, 1, 1, 1, 0, None)
+    with pytest.raises(TypeError, match="takes 16 arguments"):
         lib.conv2d_backward(x, w, y)
 
 
@@ -262,3 +264,124 @@ def test_max_pool_entry_points_refuse_bad_arguments():
     with pytest.raises(ValueError, match="more than 256"):
         lib.max_pool2d_forward(np.zeros((1, 17, 17, 1), np.float32),
                                np.zeros((1, 1, 1, 1), np.float32), None, 17, 17, 1, 1)
+
+
+# --- a ReLU convolution and the max pooling after it, fused by Sequential -----------------------
+
+FUSED_CASES = [  # (in, out, kernel, stride, padding, pool, input shape)
+    (1, 8, 3, 1, 1, 2, (5, 1, 12, 12)),    # the small CNN's first block, smaller
+    (8, 6, 3, 1, 1, 2, (4, 8, 7, 7)),      # 7x7: the last row and column feed no window
+    (3, 4, 3, 2, 1, 3, (3, 3, 13, 11)),
+    (2, 3, 1, 1, 0, 2, (2, 2, 6, 4)),
+]
+
+
+def fused_pair(rng, case, dtype):
+    cin, cout, k, s, p, pool, shape = case
+    conv = C.Conv2d(cin, cout, k, s, p, activation="relu", dtype=dtype, rng=rng)
+    return L.Sequential(conv, C.MaxPool2d(pool)), rng.standard_normal(shape).astype(dtype)
+
+
+def one_by_one(model, x, dy, input_grad=True):
+    """The layers called one at a time: never fused."""
+    for p in model.parameters():
+        p.grad_buffer().fill(0)
+    y = model[1](model[0](x))
+    dx = model[0].backward(model[1].backward(dy), input_grad=input_grad)
+    return y, dx, [p.grad.copy() for p in model.parameters()]
+
+
+def through_sequential(model, x, dy, input_grad=True):
+    for p in model.parameters():
+        p.grad_buffer().fill(0)
+    y = model(x)
+    dx = model.backward(dy, input_grad=input_grad)
+    return y, dx, [p.grad.copy() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=str)
+def test_fused_conv_and_pooling_match_the_layers_one_by_one(rng, monkeypatch, tuning, case,
+                                                             dtype):
+    model, x = fused_pair(rng, case, dtype)
+    dy = rng.standard_normal(model[1](model[0](x)).shape).astype(dtype)
+    want = one_by_one(model, x, dy)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "_lib", None)
+        reference = one_by_one(model, x, dy)  # the NumPy path
+    got = through_sequential(model, x, dy)
+    assert model._fused == {0}
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-5)
+    for result in (want, reference):
+        np.testing.assert_allclose(got[0], result[0], **tol)
+        np.testing.assert_allclose(got[1], result[1], **tol)
+        for a, b in zip(got[2], result[2]):
+            np.testing.assert_allclose(a, b, **tol)
+
+
+def test_after_a_fused_forward_each_layer_still_backs_up_on_its_own(rng):
+    """pool.backward then conv.backward, called by hand after Sequential's fused forward, give
+    the unfused gradients (the conv makes its output again for the ReLU mask)."""
+    model, x = fused_pair(rng, FUSED_CASES[1], np.float64)
+    dy = rng.standard_normal(model(x).shape)
+    want = one_by_one(model, x, dy)
+    for p in model.parameters():
+        p.grad_buffer().fill(0)
+    y = model(x)
+    assert model._fused == {0}
+    dx = model[0].backward(model[1].backward(dy))
+    np.testing.assert_allclose(y, want[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(dx, want[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip([p.grad for p in model.parameters()], want[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_first_block_skips_the_input_gradient(rng):
+    model, x = fused_pair(rng, FUSED_CASES[0], np.float64)
+    dy = rng.standard_normal(model(x).shape)
+    want = one_by_one(model, x, dy, input_grad=False)
+    got = through_sequential(model, x, dy, input_grad=False)
+    assert got[1] is None and want[1] is None
+    for a, b in zip(got[2], want[2]):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_eval_forward_matches(rng):
+    model, x = fused_pair(rng, FUSED_CASES[2], np.float64)
+    model.eval()
+    want = model[1](model[0](x))
+    got = model(x)
+    assert model._fused == {0}
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv,pool,why", [
+    (dict(activation=None), C.MaxPool2d(2), "no ReLU"),
+    (dict(activation="relu"), C.MaxPool2d(3, 2), "overlapping windows"),
+    (dict(activation="relu"), C.MaxPool2d((2, 1)), "a window that is not square"),
+    (dict(activation="relu"), C.AvgPool2d(2), "not a max pooling"),
+])
+def test_only_what_the_kernel_computes_is_fused(rng, conv, pool, why):
+    model = L.Sequential(C.Conv2d(2, 3, 3, padding=1, rng=rng, dtype=np.float64, **conv), pool)
+    x = rng.standard_normal((2, 2, 6, 6))
+    model(x)
+    assert model._fused == set(), why
+
+
+def test_no_fusion_on_the_numpy_path_or_across_modes(rng, monkeypatch):
+    model, x = fused_pair(rng, FUSED_CASES[0], np.float64)
+    model[1].eval()  # one layer in eval mode, the other training
+    model(x)
+    assert model._fused == set()
+    model.train()
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "_lib", None)
+        model(x)
+        assert model._fused == set()
+
+
+def test_fused_backward_after_an_unfused_forward_is_refused(rng):
+    model, x = fused_pair(rng, FUSED_CASES[0], np.float64)
+    y = model[1](model[0](x))
+    with pytest.raises(ValueError, match="unfused forward"):
+        model[0].backward_max_pool(np.ones(y.shape), model[1])

@@ -19,6 +19,7 @@ from ..trainer import DeviceData, prepare_mnist
 from .common import (
     _first_line, _jsonable, CONTENDERS, DEFAULT_CONTENDERS, IN_FEATURES, LR, MOMENTUM,
     NUM_CLASSES, SEED, SETTLE_SECONDS, TINY_SAMPLES, TINY_SETTLE_SECONDS, Workload)
+from .cnn import benchmark_cnn
 from .gpu import gpu_extras
 from .machine import machine_info, thread_info, versions
 from .protocol import benchmark_model, time_to_98
@@ -58,6 +59,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _contender_keys(text: str) -> tuple[str, ...]:
     keys = tuple(k.strip().replace("-", "_") for k in text.split(",") if k.strip())
     unknown = [k for k in keys if k not in CONTENDERS]
@@ -85,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--skip-time-to-98", action="store_true", help="skip timing the default recipe to 98%%")
     add("--contenders", type=_contender_keys, default=None,
         help=f"comma list of a subset to run: {', '.join(CONTENDERS)}")
+    add("--cnn-steps", type=_non_negative_int, default=None,
+        help="training steps of the small CNN per timed sample, beside torch eager on the same "
+             "network and its GEMM floors; 0 skips the CNN (default 40; 2 with --tiny)")
     add("--tiny", action="store_true",
         help=f"synthetic data of {TINY_SAMPLES} samples, 1 repeat, no time to 98%%, only the "
              "smallest kernel shape: a smoke test that needs no MNIST")
@@ -146,6 +160,14 @@ def run(argv=None, *, out=None, err=None) -> dict:
     for hidden in args.hidden:
         w = Workload(device, data, hidden, args.batch_size)
         result["results"][w.label] = benchmark_model(w, keys, repeats, say, settle)
+    cnn_steps = args.cnn_steps if args.cnn_steps is not None else (2 if args.tiny else 40)
+    if cnn_steps:
+        time.sleep(settle)
+        # an epoch of train.py's split: 55,000 training images, 5,000 held out
+        result["cnn"] = benchmark_cnn(device, data, cnn_steps, repeats, say, settle,
+                                      steps_per_epoch=-(-55000 // 128))
+    else:
+        result["cnn"] = {"skipped": "--cnn-steps 0"}
 
     if args.tiny or args.skip_time_to_98:
         result["time_to_98"] = {"skipped": "--tiny" if args.tiny else "--skip-time-to-98"}

@@ -66,11 +66,11 @@ def build_contenders(w: Workload, keys, say) -> tuple[dict, dict]:
     return contenders, unavailable
 
 
-def time_rounds(contenders: dict, repeats: int, settle: float, say) -> list:
+def time_rounds(contenders: dict, repeats: int, settle: float, say, names=CONTENDERS) -> list:
     """One warm-up epoch each, then ``repeats`` rounds, the order rotated by one every round.
 
     A contender that raises is dropped from later rounds, with the error kept. Returns the
-    order of every round.
+    order of every round. ``names``: what the progress lines call each contender.
     """
     def timed(c: Contender):
         """(wall seconds, this process's CPU seconds) of one epoch, or (None, None) if it fails."""
@@ -81,13 +81,13 @@ def time_rounds(contenders: dict, repeats: int, settle: float, say) -> list:
             return time.perf_counter() - t0, time.process_time() - cpu0
         except Exception as exc:
             c.error = f"{type(exc).__name__}: {_first_line(exc)}"
-            say(f"{CONTENDERS[c.key]} failed: {c.error}")
+            say(f"{names[c.key]} failed: {c.error}")
             return None, None
 
     for c in contenders.values():
         c.warmup, _ = timed(c)
         if c.warmup is not None:
-            say(f"warm-up   {CONTENDERS[c.key]:<24} {c.warmup:8.3f} s")
+            say(f"warm-up   {names[c.key]:<24} {c.warmup:8.3f} s")
     order_log = []
     for r in range(repeats):
         keys = [k for k, c in contenders.items() if c.error is None]
@@ -99,7 +99,7 @@ def time_rounds(contenders: dict, repeats: int, settle: float, say) -> list:
             if seconds is not None:
                 contenders[key].samples.append(seconds)
                 contenders[key].cpu_seconds.append(cpu)
-                say(f"round {r + 1}/{repeats} {CONTENDERS[key]:<24} {seconds:8.3f} s")
+                say(f"round {r + 1}/{repeats} {names[key]:<24} {seconds:8.3f} s")
     return order_log
 
 

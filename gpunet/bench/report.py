@@ -67,10 +67,41 @@ def format_report(result: dict) -> str:
     elif t98:
         lines += ["", f"Time to 98%: {t98.get('skipped') or t98.get('error')}"]
 
+    lines += _format_cnn(result.get("cnn"))
     gpu = result.get("gpu")
     if gpu:
         lines += _format_gpu(gpu)
     return "\n".join(lines)
+
+
+def _format_cnn(cnn) -> list:
+    if not cnn:
+        return []
+    if "contenders" not in cnn:
+        return ["", f"Small CNN: {cnn.get('skipped') or cnn.get('error')}"]
+    lines = ["", f"### Small CNN (gpunet.small_cnn), batch {cnn['batch_size']}: median of "
+                 f"{len(cnn['order_per_round'])} samples of {cnn['steps_per_sample']} steps; an "
+                 f"epoch is {cnn['steps_per_epoch']} steps", "",
+             "| contender | ms/step | s/epoch | × gpunet |", "|---|---:|---:|---:|"]
+    ours = cnn["contenders"]["gpunet"].get("median_ms_per_step")
+    for entry in cnn["contenders"].values():
+        ms = entry.get("median_ms_per_step")
+        if ms is None:
+            lines.append(f"| {entry['name']} | {entry['status']} | | |")
+            continue
+        lines.append(f"| {entry['name']} | {ms:.1f} | {entry['epoch_seconds']:.1f} | "
+                     f"{'–' if not ours else f'{ms / ours:.2f}'} |")
+    within = cnn.get("gpunet/torch_within_rounds")
+    said = []
+    if "gpunet/torch" in cnn:
+        said.append(f"gpunet / torch eager: **{cnn['gpunet/torch']:.2f}** (within rounds "
+                    f"{within['median']:.2f}, {within['min']:.2f}–{within['max']:.2f})")
+    if "conv_gemm_share" in cnn:
+        said.append(f"the convolutions' products alone take {cnn['conv_gemm_share']:.0%} of "
+                    f"gpunet's step")
+    if "gpunet/floor" in cnn:
+        said.append(f"all of its products {1 / cnn['gpunet/floor']:.0%}")
+    return lines + (["", "; ".join(said) + "."] if said else [])
 
 
 def _machine_line(result: dict) -> str:

@@ -119,6 +119,7 @@ enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 /* The geometry of a convolution or pooling over NHWC images (see _cpu_conv.h). */
 typedef struct {
     Py_ssize_t n, h, w, c, o, kh, kw, sh, sw, ph, pw, oh, ow;
+    Py_ssize_t pool, qh, qw;  /* a fused max pooling of window and stride `pool` (0: none) */
 } ConvGeometry;
 
 /* --- the kernels, once per float type ------------------------------------------------------- */
@@ -519,7 +520,7 @@ typedef struct {
     const ConvGeometry* g;
     Py_ssize_t tile;
     const void *x, *w, *b, *dy, *y;
-    void *out, *dx;
+    void *out, *dx, *pooled;
     uint8_t* index;
 } ConvCall;
 
@@ -537,12 +538,12 @@ static void* run_part(void* arg) {
     int f32 = c->kind == F32;
     switch (c->op) {
     case CONV_FORWARD:
-        if (f32) conv_forward_f32(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1);
-        else conv_forward_f64(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1);
+        if (f32) conv_forward_f32(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1, c->pooled, c->index);
+        else conv_forward_f64(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1, c->pooled, c->index);
         break;
     case CONV_BACKWARD:
-        if (f32) conv_backward_f32(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1);
-        else conv_backward_f64(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1);
+        if (f32) conv_backward_f32(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
+        else conv_backward_f64(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
         break;
     case POOL_FORWARD:
         if (f32) max_pool_forward_f32(c->x, c->out, c->index, c->g, p->img0, p->img1);
@@ -618,7 +619,28 @@ static int conv_geometry(PyObject* const* args, int padded, const Array* x, Conv
         return -1;
     }
     g->oh = hh / g->sh + 1, g->ow = ww / g->sw + 1;
+    g->pool = g->qh = g->qw = 0;
     return 0;
+}
+
+/* The fused pooling's window from `arg` (0: none), checked against g's output. */
+static int pool_geometry(PyObject* arg, ConvGeometry* g) {
+    long pool = PyLong_AsLong(arg);
+    if (PyErr_Occurred()) return -1;
+    if (pool < 0 || pool > 16 || (pool && (g->oh < pool || g->ow < pool))) {
+        PyErr_Format(PyExc_ValueError, "pool must be 0 (none) or a window of 1 to 16 that fits "
+                     "the output %zdx%zd, got %ld", g->oh, g->ow, pool);
+        return -1;
+    }
+    g->pool = pool, g->qh = pool ? g->oh / pool : 0, g->qw = pool ? g->ow / pool : 0;
+    return 0;
+}
+
+/* A conv's tile: whole images when a pooling is fused (see conv_forward). */
+static Py_ssize_t conv_tile_for(const ConvGeometry* g, Py_ssize_t itemsize) {
+    Py_ssize_t tile = conv_tile(g, itemsize), pixels = g->oh * g->ow;
+    if (g->pool && pixels) tile = (tile / pixels > 0 ? tile / pixels : 1) * pixels;
+    return tile;
 }
 
 static int check_shape(const Array* a, const char* name, int ndim, const Py_ssize_t* want) {
@@ -635,44 +657,68 @@ static int check_shape(const Array* a, const char* name, int ndim, const Py_ssiz
     return 0;
 }
 
+/* A uint8 array for max pooling's window offsets. */
+static int get_index(PyObject* obj, Array* a, int writable) {
+    if (get_array(obj, a, "index", 4, writable)) return -1;
+    const char* f = a->view.format ? a->view.format : "B";
+    if (a->view.itemsize != 1 || (strcmp(f, "B") && strcmp(f, "=B") && strcmp(f, "<B")
+                                  && strcmp(f, "@B"))) {
+        PyErr_SetString(PyExc_TypeError, "index must be a uint8 array");
+        return -1;
+    }
+    return 0;
+}
+
 static int gemm_ready(int kind) {
     if (kind == F32 ? sgemm_ptr != NULL : dgemm_ptr != NULL) return 0;
     PyErr_SetString(PyExc_RuntimeError, "no BLAS gemm was set (set_gemm) for this dtype");
     return -1;
 }
 
-/* conv2d_forward(x, w, b or None, y, relu, kh, kw, sh, sw, ph, pw): y (N, OH, OW, O) =
- * conv(x (N, H, W, C)) with w (K, O), K = kh * kw * C in (i, j, c) order. */
+/* conv2d_forward(x, w, b or None, y, relu, kh, kw, sh, sw, ph, pw, pool, index or None):
+ * y (N, OH, OW, O) = conv(x (N, H, W, C)) with w (K, O), K = kh * kw * C in (i, j, c) order.
+ * With pool > 0, a max pooling of that window and stride is fused: y (N, OH / pool, OW / pool,
+ * O) is the pooled output and index (uint8, its shape) the offsets of the maxima. */
 static PyObject* py_conv2d_forward(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-    Array a[4];
+    Array a[5];
     memset(a, 0, sizeof a);
     PyObject* result = NULL;
     void* buf = NULL;
     ConvGeometry g;
-    if (check_nargs(nargs, 11, "conv2d_forward")) return NULL;
+    if (check_nargs(nargs, 13, "conv2d_forward")) return NULL;
     int with_b = args[2] != Py_None, relu = PyObject_IsTrue(args[4]);
+    int with_index = args[12] != Py_None;
     if (relu < 0 || get_array(args[0], &a[0], "x", 4, 0) || get_array(args[1], &a[1], "w", 2, 0)
         || (with_b && get_array(args[2], &a[2], "b", 1, 0)) || get_array(args[3], &a[3], "y", 4, 1)
         || same_float_kind(&a[0], "x", &a[1], "w") || same_float_kind(&a[0], "x", &a[3], "y")
         || (with_b && same_float_kind(&a[0], "x", &a[2], "b"))
-        || conv_geometry(args + 5, 1, &a[0], &g) || gemm_ready(a[0].kind))
+        || conv_geometry(args + 5, 1, &a[0], &g) || pool_geometry(args[11], &g)
+        || gemm_ready(a[0].kind))
         goto done;
-    g.o = dim(&a[1], 1);
-    Py_ssize_t w_shape[2] = {g.kh * g.kw * g.c, g.o}, y_shape[4] = {g.n, g.oh, g.ow, g.o};
-    if (check_shape(&a[1], "w", 2, w_shape) || (with_b && check_shape(&a[2], "b", 1, &g.o))
-        || check_shape(&a[3], "y", 4, y_shape))
-        goto done;
-    if (overlap(&a[3].view, &a[0].view) || overlap(&a[3].view, &a[1].view)) {
-        PyErr_SetString(PyExc_ValueError, "y must not overlap x or w");
+    if (with_index && (!g.pool || get_index(args[12], &a[4], 1))) {
+        if (!g.pool) PyErr_SetString(PyExc_ValueError, "index belongs to a fused pooling (pool > 0)");
         goto done;
     }
-    Py_ssize_t tile = conv_tile(&g, a[0].view.itemsize), size = a[0].view.itemsize;
+    g.o = dim(&a[1], 1);
+    Py_ssize_t w_shape[2] = {g.kh * g.kw * g.c, g.o};
+    Py_ssize_t y_shape[4] = {g.n, g.pool ? g.qh : g.oh, g.pool ? g.qw : g.ow, g.o};
+    if (check_shape(&a[1], "w", 2, w_shape) || (with_b && check_shape(&a[2], "b", 1, &g.o))
+        || check_shape(&a[3], "y", 4, y_shape)
+        || (with_index && check_shape(&a[4], "index", 4, y_shape)))
+        goto done;
+    if (overlap(&a[3].view, &a[0].view) || overlap(&a[3].view, &a[1].view)
+        || (with_index && (overlap(&a[4].view, &a[0].view) || overlap(&a[4].view, &a[3].view)))) {
+        PyErr_SetString(PyExc_ValueError, "y and index must not overlap x, w or each other");
+        goto done;
+    }
+    Py_ssize_t tile = conv_tile_for(&g, a[0].view.itemsize), size = a[0].view.itemsize;
     ConvCall call = {.op = CONV_FORWARD, .kind = a[0].kind, .relu = relu, .g = &g, .tile = tile,
                      .x = a[0].view.buf, .w = a[1].view.buf, .b = with_b ? a[2].view.buf : NULL,
-                     .out = a[3].view.buf};
+                     .out = g.pool ? NULL : a[3].view.buf, .pooled = g.pool ? a[3].view.buf : NULL,
+                     .index = with_index ? a[4].view.buf : NULL};
     ConvPart parts[MAX_PARTS];
     int count = part_count(g.n, (double)(g.n * g.oh * g.ow) * w_shape[0] * g.o);
-    Py_ssize_t each = tile * w_shape[0] + 1;
+    Py_ssize_t each = tile * (w_shape[0] + (g.pool ? g.o : 0)) + 1;
     if (!(buf = PyMem_RawMalloc((size_t)(count * each) * size))) {
         PyErr_NoMemory();
         goto done;
@@ -683,21 +729,22 @@ static PyObject* py_conv2d_forward(PyObject* self, PyObject* const* args, Py_ssi
     result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(buf);
-    release(a, 4);
+    release(a, 5);
     return result;
 }
 
-/* conv2d_backward(x, w, dy, y or None, dw, db or None, beta, dx or None, kh, kw, sh, sw, ph, pw):
- * dw (K, O) = the weight gradient (overwritten); db = the bias gradient + beta * db; dx (N, H, W,
- * C) = the input gradient (overwritten). With y (the forward's ReLU output), dy is first masked
- * by y > 0. */
+/* conv2d_backward(x, w, dy, y or None, dw, db or None, beta, dx or None, kh, kw, sh, sw, ph, pw,
+ * pool, index or None): dw (K, O) = the weight gradient (overwritten); db = the bias gradient +
+ * beta * db; dx (N, H, W, C) = the input gradient (overwritten). With y (the forward's ReLU
+ * output), dy is first masked by y > 0. With pool > 0 (conv2d_forward's fused pooling), dy is
+ * the pooled output's gradient, y that output and index its offsets. */
 static PyObject* py_conv2d_backward(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-    Array a[7];
+    Array a[8];
     memset(a, 0, sizeof a);
     PyObject* result = NULL;
     void* buf = NULL;
     ConvGeometry g;
-    if (check_nargs(nargs, 14, "conv2d_backward")) return NULL;
+    if (check_nargs(nargs, 16, "conv2d_backward")) return NULL;
     double beta = PyFloat_AsDouble(args[6]);
     if (PyErr_Occurred()) return NULL;
     int with_y = args[3] != Py_None, with_db = args[5] != Py_None, with_dx = args[7] != Py_None;
@@ -710,27 +757,42 @@ static PyObject* py_conv2d_backward(PyObject* self, PyObject* const* args, Py_ss
         || same_float_kind(&a[0], "x", &a[4], "dw")
         || (with_db && same_float_kind(&a[0], "x", &a[5], "db"))
         || (with_dx && same_float_kind(&a[0], "x", &a[6], "dx"))
-        || conv_geometry(args + 8, 1, &a[0], &g) || gemm_ready(a[0].kind))
+        || conv_geometry(args + 8, 1, &a[0], &g) || pool_geometry(args[14], &g)
+        || gemm_ready(a[0].kind))
         goto done;
+    if (g.pool && (!with_y || args[15] == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "a fused pooling (pool > 0) needs y (the pooled output) "
+                        "and index");
+        goto done;
+    }
+    if (!g.pool && args[15] != Py_None) {
+        PyErr_SetString(PyExc_ValueError, "index belongs to a fused pooling (pool > 0)");
+        goto done;
+    }
+    if (g.pool && get_index(args[15], &a[7], 0)) goto done;
     g.o = dim(&a[1], 1);
     Py_ssize_t k = g.kh * g.kw * g.c;
-    Py_ssize_t w_shape[2] = {k, g.o}, y_shape[4] = {g.n, g.oh, g.ow, g.o};
+    Py_ssize_t w_shape[2] = {k, g.o};
+    Py_ssize_t y_shape[4] = {g.n, g.pool ? g.qh : g.oh, g.pool ? g.qw : g.ow, g.o};
     Py_ssize_t x_shape[4] = {g.n, g.h, g.w, g.c};
     if (check_shape(&a[1], "w", 2, w_shape) || check_shape(&a[2], "dy", 4, y_shape)
         || (with_y && check_shape(&a[3], "y", 4, y_shape)) || check_shape(&a[4], "dw", 2, w_shape)
         || (with_db && check_shape(&a[5], "db", 1, &g.o))
-        || (with_dx && check_shape(&a[6], "dx", 4, x_shape)))
+        || (with_dx && check_shape(&a[6], "dx", 4, x_shape))
+        || (g.pool && check_shape(&a[7], "index", 4, y_shape)))
         goto done;
     for (int out = 4; out < 7; ++out)
-        for (int in = 0; in < 4; ++in)
+        for (int in = 0; in < 8; in += in == 3 ? 4 : 1)
             if (a[out].held && a[in].held && overlap(&a[out].view, &a[in].view)) {
-                PyErr_SetString(PyExc_ValueError, "dw, db and dx must not overlap x, w, dy or y");
+                PyErr_SetString(PyExc_ValueError, "dw, db and dx must not overlap x, w, dy, y or index");
                 goto done;
             }
-    Py_ssize_t tile = conv_tile(&g, a[0].view.itemsize), size = a[0].view.itemsize;
+    Py_ssize_t tile = conv_tile_for(&g, a[0].view.itemsize), size = a[0].view.itemsize;
     ConvCall call = {.op = CONV_BACKWARD, .kind = a[0].kind, .g = &g, .tile = tile,
                      .x = a[0].view.buf, .w = a[1].view.buf, .dy = a[2].view.buf,
-                     .y = with_y ? a[3].view.buf : NULL, .dx = with_dx ? a[6].view.buf : NULL};
+                     .y = with_y && !g.pool ? a[3].view.buf : NULL,
+                     .pooled = g.pool ? a[3].view.buf : NULL,
+                     .index = g.pool ? a[7].view.buf : NULL, .dx = with_dx ? a[6].view.buf : NULL};
     ConvPart parts[MAX_PARTS];
     int count = part_count(g.n, (with_dx ? 2.0 : 1.0) * (double)(g.n * g.oh * g.ow) * k * g.o);
     /* each part: buf and dzbuf, then its own dw and sums (part 0 writes dw itself) */
@@ -774,20 +836,8 @@ static PyObject* py_conv2d_backward(PyObject* self, PyObject* const* args, Py_ss
     result = Py_NewRef(Py_None);
 done:
     PyMem_RawFree(buf);
-    release(a, 7);
+    release(a, 8);
     return result;
-}
-
-/* A uint8 array for max pooling's window offsets. */
-static int get_index(PyObject* obj, Array* a, int writable) {
-    if (get_array(obj, a, "index", 4, writable)) return -1;
-    const char* f = a->view.format ? a->view.format : "B";
-    if (a->view.itemsize != 1 || (strcmp(f, "B") && strcmp(f, "=B") && strcmp(f, "<B")
-                                  && strcmp(f, "@B"))) {
-        PyErr_SetString(PyExc_TypeError, "index must be a uint8 array");
-        return -1;
-    }
-    return 0;
 }
 
 /* max_pool2d_forward(x, y, index or None, kh, kw, sh, sw): x (N, H, W, C), y and index

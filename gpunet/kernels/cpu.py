@@ -9,6 +9,7 @@ loop for each, with the formula of its NumPy twin, which stays the reference:
     relu_backward               functional.relu_backward
     gemm                        functional.matmul with beta (BLAS gemm, which numpy does not expose)
     conv2d_forward, _backward   conv.Conv2d's im2col, product, bias and ReLU, a tile at a time
+    conv2d_max_pool_forward, _backward  the same with the MaxPool2d after it fused (Sequential)
     max_pool2d_forward, _backward  conv.MaxPool2d
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     sgd_update, adam_update     optim.SGD._update, optim.Adam._update
@@ -122,8 +123,21 @@ def conv2d_forward(x, w, bias, relu: bool, kernel, stride, padding, out_size):
     (K, O), K = kh * kw * C in (i, j, c) order, plus ``bias``, then ReLU when ``relu``: the
     im2col matrix is made and consumed a tile of rows at a time (see _cpu_conv.h)."""
     y = np.empty((x.shape[0], *out_size, w.shape[1]), dtype=x.dtype)
-    _lib.conv2d_forward(x, w, bias, y, relu, *kernel, *stride, *padding)
+    _lib.conv2d_forward(x, w, bias, y, relu, *kernel, *stride, *padding, 0, None)
     return y
+
+
+def conv2d_max_pool_forward(x, w, bias, relu: bool, kernel, stride, padding, out_size,
+                            pool: int, with_index: bool):
+    """(pooled, index) of :func:`conv2d_forward` followed by a max pooling of window and stride
+    ``pool``, fused: the convolution's output is pooled a tile at a time, in cache, and never
+    written whole. ``index`` (uint8, or None when not asked) holds each window's offset of its
+    first maximum, as :func:`max_pool2d_forward` gives it."""
+    shape = (x.shape[0], out_size[0] // pool, out_size[1] // pool, w.shape[1])
+    pooled = np.empty(shape, dtype=x.dtype)
+    index = np.empty(shape, dtype=np.uint8) if with_index else None
+    _lib.conv2d_forward(x, w, bias, pooled, relu, *kernel, *stride, *padding, pool, index)
+    return pooled, index
 
 
 def conv2d_backward(x, w, dy, y, bias_grad, beta: float, input_grad: bool, kernel, stride,
@@ -133,7 +147,18 @@ def conv2d_backward(x, w, dy, y, bias_grad, beta: float, input_grad: bool, kerne
     bias gradient, with ``bias_grad``, goes there, added to ``beta * bias_grad``."""
     dw = np.empty(w.shape, dtype=x.dtype)
     dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
-    _lib.conv2d_backward(x, w, dy, y, dw, bias_grad, beta, dx, *kernel, *stride, *padding)
+    _lib.conv2d_backward(x, w, dy, y, dw, bias_grad, beta, dx, *kernel, *stride, *padding, 0, None)
+    return dw, dx
+
+
+def conv2d_max_pool_backward(x, w, dy, pooled, index, bias_grad, beta: float, input_grad: bool,
+                             kernel, stride, padding, pool: int):
+    """(dW, dx or None) of :func:`conv2d_max_pool_forward` (with its ReLU) for ``dy``, the
+    gradient of the pooled output: dy goes to each window's maximum where ``pooled`` is > 0."""
+    dw = np.empty(w.shape, dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
+    _lib.conv2d_backward(x, w, dy, pooled, dw, bias_grad, beta, dx, *kernel, *stride, *padding,
+                         pool, index)
     return dw, dx
 
 
