@@ -558,15 +558,21 @@ class Trainer:
             lo, hi = distributed.shard(n, self.comm)
             x, y = x[lo:hi], y[lo:hi]
         xp = get_array_module(x)
-        self.model.eval()
         loss_sum = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.uint64)
-        for start in range(0, len(y), self.config.eval_batch_size):
-            xb, yb = x[start:start + self.config.eval_batch_size], y[start:start + self.config.eval_batch_size]
-            logits = self.model.forward(xb)
-            loss_sum += softmax_cross_entropy(logits, yb, reduction="sum")
-            count_correct(logits, yb, out=correct)
-        self.model.train()
+        # Eval mode: Dropout off, BatchNorm on its running statistics. The mode the model was in
+        # comes back however this ends, so that a failed evaluation cannot leave the next
+        # epoch training without dropout.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(y), self.config.eval_batch_size):
+                stop = start + self.config.eval_batch_size
+                logits = self.model.forward(x[start:stop])
+                loss_sum += softmax_cross_entropy(logits, y[start:stop], reduction="sum")
+                count_correct(logits, y[start:stop], out=correct)
+        finally:
+            self.model.train(was_training)
         if self.comm.size > 1:
             sums = np.array([float(loss_sum), float(correct)])
             self.comm.allreduce_sum_(sums)

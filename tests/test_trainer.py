@@ -242,6 +242,33 @@ def test_evaluate_counts_on_the_device(small_mnist):
     assert loss > 0
 
 
+def test_evaluate_runs_the_model_in_eval_mode_and_restores_training_mode(monkeypatch):
+    """Dropout p=0.5 in the model: the evaluation is deterministic and equals the eval-mode
+    forward, and the model is back in training mode afterwards, also when the forward raised."""
+    from gpunet.dropout import Dropout
+    from gpunet.layers import Dense, Sequential
+    data = synthetic()
+    trainer = Trainer(quick(epochs=0), data, quiet=True)
+    rng = np.random.default_rng(0)
+    trainer.model = model = Sequential(Dense(784, 64, activation="relu", rng=rng), Dropout(0.5, rng=rng),
+                                       Dense(64, 10, rng=rng))
+    first, second = (trainer.evaluate(data.x_test, data.y_test) for _ in range(2))
+    assert first == second
+    logits = model.eval().forward(data.x_test)
+    model.train()
+    assert first[1] == float((logits.argmax(axis=1) == data.y_test).mean())
+    assert model.training and all(layer.training for layer in model)
+    assert not np.array_equal(model.forward(data.x_test), logits)  # training mode: dropout is on
+
+    def broken(x, **kwargs):
+        raise MemoryError("out of memory in the evaluation")
+
+    monkeypatch.setattr(model[2], "forward", broken)
+    with pytest.raises(MemoryError):
+        trainer.evaluate(data.x_test, data.y_test)
+    assert model.training and all(layer.training for layer in model)
+
+
 def synthetic(n=300, n_test=100, seed=0):
     """Random images with labels a linear rule gives: learnable, and fast to train on."""
     rng = np.random.default_rng(seed)
