@@ -99,6 +99,13 @@ def _drop(key):
     (_set("schedule_epochs", 2.5), "meta key 'schedule_epochs' must be an integer >= 1, got 2.5"),
     (_set("initial_loss", None), "meta key 'initial_loss' must be a finite number >= 0, got null"),
     (_set("format", 2), "has format 2, this gpunet reads format 1"),
+    (_set("model_rng", {"bit_generator": "MT19937"}), "meta key 'model_rng' must be the state of a "
+                                                      "PCG64 generator"),
+    (_set("dropout_counters", [-1]), "meta key 'dropout_counters' must be a list of integers from 0 "
+                                     "to 2**64 - 1, got [-1]"),
+    (_set("dropout_counters", 3), "meta key 'dropout_counters' must be a list of integers"),
+    (_set("config.model", 3), "meta key 'config.model' must be a name (a string), got 3"),
+    (_set("config.dataset", ["mnist"]), "meta key 'config.dataset' must be a name (a string)"),
     (_drop("history"), "meta lacks 'history', so it is not a complete gpunet checkpoint"),
     (_drop("config"), "meta lacks 'config', so it is not a complete gpunet checkpoint"),
     (_drop("shuffle_rng"), "meta lacks 'shuffle_rng'"),
@@ -256,6 +263,46 @@ def test_a_checkpoint_from_before_the_optional_keys_still_resumes(good, tmp_path
     metrics = trainer.fit()
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert metrics["train_seconds"] <= metrics["total_seconds"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set("config.model", "resnet"), "meta key 'config' holds an invalid setting: model must be one "
+                                     "of mlp, cnn, got 'resnet'"),
+    (_set("config.dataset", "cifar10"), "meta key 'config' holds an invalid setting: dataset must be "
+                                        "one of mnist, fashion-mnist, kmnist, got 'cifar10'"),
+    (_set("config.hidden", None), "meta key 'config' holds an invalid setting: hidden must be one or "
+                                  "more positive layer widths"),
+])
+def test_the_trainer_checks_the_saved_model_and_dataset(good, tmp_path, change, message):
+    """Their names are known to the trainer, which checks them before building anything."""
+    path = tmp_path / "bad.npz"
+    arrays = with_meta(good, change)
+    if "hidden" in message:  # an mlp without widths: only the saved settings can say so
+        meta = json.loads(str(arrays["meta"]))
+        meta["config"]["hidden"] = []
+        arrays["meta"] = np.array(json.dumps(meta))
+    write(path, arrays)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(TrainConfig(device="cpu", hidden=(8,), epochs=2, batch_size=32, progress=False,
+                            resume=str(path)), tiny_data(), quiet=True)
+    assert str(info.value).startswith(f"checkpoint {path}: ") and message in str(info.value)
+
+
+def test_a_cnn_checkpoint_without_its_dropout_state_is_refused(tmp_path):
+    path = tmp_path / "cnn.npz"
+    data = tiny_data()
+    config = dict(device="cpu", model="cnn", epochs=2, schedule_epochs=2, batch_size=40,
+                  progress=False)
+    fit(TrainConfig(**{**config, "epochs": 1}, save=str(path)), data, quiet=True)
+    good = path.read_bytes()
+    for change, message in [(_drop("model_rng"), "lacks meta key 'model_rng', so its --model cnn "
+                                                 "cannot continue with the random draws"),
+                            (_set("dropout_counters", [0, 0]), "meta key 'dropout_counters' must "
+                                                               "hold one counter for each of the "
+                                                               "model's 1 Dropout layers, got 2")]:
+        write(path, with_meta(good, change))
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(TrainConfig(**config, resume=str(path)), data, quiet=True)
 
 
 # --- atomic writes ------------------------------------------------------------------------------
