@@ -305,6 +305,47 @@ def test_a_cnn_checkpoint_without_its_dropout_state_is_refused(tmp_path):
             Trainer(TrainConfig(**config, resume=str(path)), data, quiet=True)
 
 
+def test_batch_norm_buffers_go_into_a_checkpoint_and_come_back(tmp_path):
+    """The running statistics (register_buffer) are saved as model/ entries beside the
+    parameters, num_batches_tracked as an integer, and restore the eval-mode model exactly."""
+    from gpunet import optim
+    from gpunet.conv import Conv2d, Flatten
+    from gpunet.layers import Dense, ReLU, Sequential
+    from gpunet.norm import BatchNorm2d
+
+    def model(seed):
+        rng = np.random.default_rng(seed)
+        return Sequential(Conv2d(1, 4, 3, padding=1, rng=rng), BatchNorm2d(4), ReLU(), Flatten(),
+                          Dense(4 * 6 * 6, 3, rng=rng))
+
+    rng = np.random.default_rng(1)
+    trained = model(0)
+    opt = optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    x = rng.standard_normal((8, 1, 6, 6)).astype(np.float32)
+    for _ in range(3):
+        y = trained.forward(x)
+        trained.backward(rng.standard_normal(y.shape).astype(np.float32), input_grad=False)
+        opt.step()
+    path = tmp_path / "bn.npz"
+    meta = {"epoch": 1, "history": [{"epoch": 1, "train_loss": 1.0, "val_loss": None,
+                                     "val_accuracy": None, "seconds": 0.1}],
+            "config": {}, "shuffle_rng": np.random.default_rng(0).bit_generator.state}
+    checkpoint.save(path, model=trained, optimizer=opt, meta=meta)
+    loaded = checkpoint.load(path)
+    assert loaded["model/1.num_batches_tracked"] == 3
+    assert loaded["model/1.num_batches_tracked"].dtype == np.int64
+    np.testing.assert_array_equal(loaded["model/1.running_var"], trained[1].running_var)
+    assert not np.allclose(trained[1].running_mean, 0)  # three batches moved them
+
+    fresh = model(2)
+    checkpoint.restore(loaded, model=fresh, optimizer=optim.SGD(fresh.parameters(), lr=0.1,
+                                                                momentum=0.9), path=path)
+    for (name, a), (_, b) in zip(trained.named_buffers(), fresh.named_buffers()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert int(fresh[1].num_batches_tracked) == 3
+    np.testing.assert_array_equal(trained.eval().forward(x), fresh.eval().forward(x))
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 def test_a_symlink_is_written_through(tmp_path):
