@@ -1,4 +1,5 @@
-"""Train an MLP on MNIST: ``python train.py`` (see ``--help``).
+"""Train an MLP or a small CNN on MNIST, Fashion-MNIST or KMNIST: ``python train.py`` (see
+``--help``).
 
 The training loop is gpunet.trainer.Trainer.train_epoch; this file only turns the command line
 into a TrainConfig and reports errors as one line on stderr.
@@ -13,7 +14,9 @@ import signal
 import sys
 import time
 
-from gpunet.trainer import DEFAULT_LR, DTYPES, OPTIMIZERS, SCHEDULES, TrainConfig
+from gpunet.datasets import DATASETS
+from gpunet.trainer import (DEFAULT_LR, DTYPES, MLP_ACTIVATION, MLP_HIDDEN, MODELS, OPTIMIZERS,
+                            SCHEDULES, TrainConfig)
 
 # Exit statuses besides 0 (success), 1 (an error, one line on stderr) and 2 (a bad flag):
 FAILED_RUN = 3        # the run finished, but its last epoch looks failed (see the warning)
@@ -83,7 +86,8 @@ def _parse(kind, text, expected):
 
 def build_parser() -> argparse.ArgumentParser:
     d = {name: f.default for name, f in DEFAULTS.items()}
-    p = Parser(prog="train.py", description="Train an MLP on MNIST with gpunet.",
+    p = Parser(prog="train.py", description="Train an MLP or a small CNN on MNIST, Fashion-MNIST "
+                                            "or KMNIST with gpunet.",
                epilog=f"exit status: 0 done, 1 an error (one line on stderr), 2 a bad flag, "
                       f"{FAILED_RUN} done but the last epoch looks failed, {INTERRUPTED} Ctrl-C, "
                       f"{TERMINATED} SIGTERM, {BROKEN_PIPE} stdout closed; an interrupted run "
@@ -92,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     # did not: those come from the checkpoint, then from TrainConfig.
     add = p.add_argument
     add("--device", help=f"auto, cpu, cuda or cuda:N (default {d['device']})")
+    add("--dataset", choices=DATASETS, help=f"(default {d['dataset']})")
+    add("--model", choices=MODELS, help="mlp: Dense layers of the --hidden widths; cnn: "
+                                        "gpunet.conv.small_cnn (conv 32, conv 64, dense 128, "
+                                        f"dropout 0.25) (default {d['model']})")
     add("--epochs", type=non_negative_int, help=f"total epochs (default {d['epochs']})")
     add("--batch-size", type=positive_int,
         help=f"(default {d['batch_size']}; per rank with --distributed, as in PyTorch DDP)")
@@ -101,16 +109,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--momentum", type=non_negative_float, help=f"SGD momentum (default {d['momentum']})")
     add("--nesterov", action="store_true", default=None, help="Nesterov momentum for SGD")
     add("--weight-decay", type=non_negative_float, help=f"(default {d['weight_decay']})")
-    add("--hidden", type=hidden_sizes, help="hidden layer widths, e.g. 256 or 512,256 "
-                                            f"(default {','.join(map(str, d['hidden']))})")
-    add("--activation", choices=("relu", "tanh", "sigmoid"), help=f"(default {d['activation']})")
+    add("--hidden", type=hidden_sizes, help="--model mlp: hidden layer widths, e.g. 256 or 512,256 "
+                                            f"(default {','.join(map(str, MLP_HIDDEN))})")
+    add("--activation", choices=("relu", "tanh", "sigmoid"),
+        help=f"--model mlp: (default {MLP_ACTIVATION})")
     add("--schedule", choices=SCHEDULES, help=f"learning-rate schedule (default {d['schedule']})")
     add("--schedule-epochs", type=positive_int,
         help="epochs the schedule spans (default: --epochs; with --resume: the saved span)")
     add("--warmup-epochs", type=non_negative_float, help=f"linear warm-up (default {d['warmup_epochs']})")
     add("--label-smoothing", type=non_negative_float, help=f"(default {d['label_smoothing']})")
     add("--seed", type=non_negative_int, help=f"(default {d['seed']})")
-    add("--data-dir", type=path, help="folder with the MNIST files (default $GPUNET_DATA, else data/)")
+    add("--data-dir", type=path, help="folder with the dataset's four files, or with a subfolder "
+                                      "named after the dataset (default $GPUNET_DATA, else data/ "
+                                      "for mnist and data/<dataset>/ for the others)")
+    add("--no-verify-data", dest="verify_data", action="store_false", default=None,
+        help="use data files that cannot be verified against the published checksums (a raw or "
+             "recompressed KMNIST copy); another dataset's files are refused all the same")
     add("--val-size", type=non_negative_int, help=f"validation images held out (default {d['val_size']})")
     add("--dtype", choices=DTYPES, help=f"(default {d['dtype']})")
     add("--save", type=path, metavar="PATH", help="write a checkpoint (.npz) after every epoch")
@@ -129,18 +143,21 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {k: v for k, v in vars(args).items() if v is not None}
     if args.resume:
-        # Resuming continues the saved run: its settings, then the flags given now.
+        # Resuming continues the saved run: its settings, then the flags given now, which may not
+        # change the model or the data it learnt.
         from gpunet import checkpoint
-        saved = checkpoint.load(args.resume, meta_only=True)["meta"]["config"]
-        saved = {k: v for k, v in saved.items() if k in DEFAULTS and k not in ("save", "resume",
-                                                                               "metrics_json")}
-        try:
-            TrainConfig(**saved)
-        except (ValueError, TypeError) as exc:
-            raise checkpoint.CheckpointError(
-                f"checkpoint {args.resume}: meta key 'config' holds an invalid setting: {exc}"
-            ) from None
+        from gpunet.trainer import architecture_conflict, saved_settings
+        saved = saved_settings(checkpoint.load(args.resume, meta_only=True)["meta"], args.resume)
+        conflict = architecture_conflict(saved, given, args.resume)
+        if conflict:
+            raise checkpoint.CheckpointError(conflict)
         given = {**saved, **given}
+    model = given.get("model", DEFAULTS["model"].default)
+    mlp_only = [f"--{k}" for k in ("hidden", "activation") if getattr(args, k) is not None]
+    if model != "mlp" and mlp_only:
+        raise ValueError(f"{' and '.join(mlp_only)} belong{'s' if len(mlp_only) == 1 else ''} to "
+                         f"--model mlp; --model {model} is gpunet.conv.small_cnn, whose layers are "
+                         f"fixed: drop {' and '.join(mlp_only)}")
     return TrainConfig(**given)
 
 

@@ -29,7 +29,10 @@ from .backend import to_numpy
 
 FORMAT_VERSION = 1
 # meta keys every format-1 checkpoint has; "steps_per_epoch", "schedule_epochs", "initial_loss"
-# and "total_seconds" came later in format 1 and are optional, so older files still load.
+# and "total_seconds" came later in format 1 and are optional, so older files still load, as are
+# "model_rng" and "dropout_counters", which only a model that draws random numbers has (the CNN's
+# dropout: the generator of its CPU masks and the step counters of its GPU ones). The model and
+# the dataset are settings in "config" (an old file holds neither: an MLP trained on MNIST).
 META_KEYS = ("format", "epoch", "history", "config", "shuffle_rng")
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_accuracy", "seconds")
 # The largest step count a checkpoint may claim: more steps than any run can take.
@@ -163,12 +166,16 @@ def check_meta(meta, path) -> None:
             bad(f"{key}.seconds", "a finite number >= 0", h["seconds"])
     if not isinstance(meta["config"], dict):
         bad("config", "an object with the run's settings", meta["config"])
-    rng = meta["shuffle_rng"]
-    if not (isinstance(rng, dict) and rng.get("bit_generator") == "PCG64"
-            and isinstance(rng.get("state"), dict)
-            and all(_is_int(rng["state"].get(k)) and rng["state"][k] >= 0 for k in ("state", "inc"))
-            and _is_int(rng.get("has_uint32")) and _is_int(rng.get("uinteger"))):
-        bad("shuffle_rng", "the state of a PCG64 generator", rng)
+    for key in ("shuffle_rng", "model_rng"):
+        if key in meta and not _is_pcg64_state(meta[key]):
+            bad(key, "the state of a PCG64 generator", meta[key])
+    counters = meta.get("dropout_counters", [])
+    if not (isinstance(counters, list) and all(_is_int(c) and 0 <= c < 2 ** 64 for c in counters)):
+        bad("dropout_counters", "a list of integers from 0 to 2**64 - 1", counters)
+    for key in ("dataset", "model"):  # their values are checked where the names are known
+        value = meta["config"].get(key)
+        if value is not None and not isinstance(value, str):
+            bad(f"config.{key}", "a name (a string)", value)
     for key, low in (("steps_per_epoch", 1), ("schedule_epochs", 1)):
         if key in meta and not (_is_int(meta[key]) and low <= meta[key] < MAX_STEPS):
             bad(key, f"an integer >= {low}", meta[key])
@@ -207,6 +214,13 @@ def check_arrays(checkpoint: dict, path) -> None:
                                       f"{_short(value.tolist())}")
         elif key.split("/")[0] in ("optimizer", "scheduler") and value.ndim == 0 and value < 0:
             raise CheckpointError(f"checkpoint {path}: {key!r} must be >= 0, got {value.item()}")
+
+
+def _is_pcg64_state(rng) -> bool:
+    return (isinstance(rng, dict) and rng.get("bit_generator") == "PCG64"
+            and isinstance(rng.get("state"), dict)
+            and all(_is_int(rng["state"].get(k)) and rng["state"][k] >= 0 for k in ("state", "inc"))
+            and _is_int(rng.get("has_uint32")) and _is_int(rng.get("uinteger")))
 
 
 def _is_int(x) -> bool:

@@ -1,10 +1,31 @@
-"""MNIST: find it, download it if asked, verify it, and parse it into uint8 arrays.
+"""MNIST, Fashion-MNIST and KMNIST: find them, download them if asked, verify them, and parse
+them into uint8 arrays.
+
+The three datasets share one format and one set of file names (``train-images-idx3-ubyte`` and
+so on, 60,000 + 10,000 images of 28x28 grey levels, 10 classes), so a folder holds one of them,
+and the checksums tell them apart: loading one dataset from a folder that holds another fails
+with a message that says which dataset the files are.
+
+Where the files are looked for (:func:`resolve_root`): the folder named by ``root`` (train.py's
+``--data-dir``), else by ``$GPUNET_DATA``. If that folder has a subfolder named after the dataset
+(``mnist/``, ``fashion-mnist/``, ``kmnist/``), the subfolder is used; if it has one named after
+another dataset, it is a collection of datasets, and this one lives (or is downloaded) in its own
+subfolder too; otherwise the folder itself holds the files. With nothing named, the default is
+the project's ``data/<name>/``, except that MNIST keeps its original home, ``data/`` itself
+(unless ``data/mnist/`` exists).
 
 Every data problem (missing files, a truncated or foreign file, a checksum mismatch, a failed
 download) is a :class:`DatasetError` whose message names the file, what was expected and what was
-found, so the command line can print it as one line. The checksums are SHA-256 of the
-*decompressed* IDX bytes: the same data may be gzipped in different ways (one of the copies in
-``../shared/data/mnist`` was recompressed), so a hash of the ``.gz`` bytes would reject good files.
+found, so the command line can print it as one line.
+
+Verification. MNIST and Fashion-MNIST are checked by the SHA-256 of the *decompressed* IDX bytes:
+the same data may be gzipped in different ways (one of the MNIST copies in ``../shared/data`` and
+all of the Fashion-MNIST ones were recompressed), so a hash of the ``.gz`` bytes would reject good
+files. For KMNIST no checksum of the decompressed data is known here: its publishers list the MD5
+of each ``.gz`` file, so a KMNIST file is verified only when it is the published ``.gz``, byte for
+byte; a raw or recompressed copy cannot be verified and is refused, saying so (``verify=False``
+loads it unverified). Whatever ``verify`` says, a file whose checksum is that of another
+dataset's published file is refused, naming that dataset.
 """
 
 from __future__ import annotations
@@ -29,23 +50,55 @@ class DatasetError(Exception):
     """A dataset is missing, damaged, not what it claims to be, or could not be downloaded."""
 
 
+DATASETS = ("mnist", "fashion-mnist", "kmnist")
+TITLES = {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "kmnist": "KMNIST"}
+# The class of each label, in label order.
+CLASSES = {
+    "mnist": tuple("0123456789"),
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                      "Sneaker", "Bag", "Ankle boot"),
+    "kmnist": ("o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"),
+}
+# The four files of each dataset, in the order load_dataset returns their arrays.
+FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+         "t10k-labels-idx1-ubyte")
+
 DEFAULT_ROOT = Path(__file__).resolve().parents[1] / "data"
 
-# The original host no longer serves MNIST; these mirrors do, and are tried in this order.
+# Where each dataset is downloaded from, tried in this order. The original MNIST host no longer
+# serves it; these mirrors do. Fashion-MNIST's and KMNIST's are the locations their authors name.
 MIRRORS = (
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
 )
+FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+KMNIST_MIRRORS = ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",)
 
-# SHA-256 of the decompressed IDX bytes of each file, in the order load_mnist returns them.
+# SHA-256 of the decompressed IDX bytes of each MNIST file.
 SHA256 = {
     "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
     "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
     "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
     "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
 }
+# The same for Fashion-MNIST (Zalando Research), computed from the published files' content.
+FASHION_MNIST_SHA256 = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+# KMNIST (rois-codh): the MD5 of each published .gz file, as its publishers and torchvision's
+# datasets.KMNIST list them. No checksum of the decompressed data is known here.
+KMNIST_GZ_MD5 = {
+    "train-images-idx3-ubyte": "bdb82020997e1d708af4cf47b453dcf7",
+    "train-labels-idx1-ubyte": "e144d726b3acfaa3e44228e80efcd344",
+    "t10k-images-idx3-ubyte": "5c965bf0a639b31b8f53240b1b52f4d7",
+    "t10k-labels-idx1-ubyte": "7320c461ea6c1c855c0b718fb2a4b134",
+}
 
-# The decompressed size of each, which bounds what is read from a file that claims to be it.
+# The decompressed size of each file (the same in all three datasets), which bounds what is read
+# from a file that claims to be it.
 SIZES = {
     "train-images-idx3-ubyte": 16 + 60000 * 28 * 28,
     "train-labels-idx1-ubyte": 8 + 60000,
@@ -55,56 +108,87 @@ SIZES = {
 
 DOWNLOAD_TIMEOUT_S = 30
 IMAGE_SHAPE = (28, 28)
+NUM_CLASSES = 10
 _IDX = {"images": (2051, 16), "labels": (2049, 8)}  # kind -> (magic number, header bytes)
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
 _FILES_TEXT = ("the four files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
                "t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte, each gzipped (.gz) or raw")
-_HINT = ("point at a folder holding the MNIST files with --data-dir DIR "
-         "or the GPUNET_DATA environment variable")
+_UNVERIFIED = "load it unverified with verify=False (train.py: --no-verify-data)"
 
 # Tests replace this to serve canned responses; everything else goes through urllib.
 _urlopen = urllib.request.urlopen
 
 
-def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
-               progress: bool = False, verify: bool = True
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(x_train, y_train, x_test, y_test)`` as writable uint8 arrays.
+def _mirrors(name: str) -> tuple[str, ...]:
+    # Looked up when asked, so that a test may replace a module-level table.
+    return {"mnist": MIRRORS, "fashion-mnist": FASHION_MNIST_MIRRORS,
+            "kmnist": KMNIST_MIRRORS}[name]
 
-    Shapes are (60000, 28, 28), (60000,), (10000, 28, 28), (10000,). Files missing from the data
-    folder (see :func:`resolve_root`) are downloaded from :data:`MIRRORS` when ``download`` is true.
-    ``verify=False`` skips the checksum of files already on disk, for tiny synthetic test files;
-    downloaded files are always verified, since nothing unverified may land under a final name.
+
+def _sha256_table(name: str) -> dict | None:
+    return {"mnist": SHA256, "fashion-mnist": FASHION_MNIST_SHA256}.get(name)
+
+
+def _gz_md5_table(name: str) -> dict | None:
+    return {"kmnist": KMNIST_GZ_MD5}.get(name)
+
+
+def _hint(name: str) -> str:
+    return (f"point at a folder holding the {TITLES[name]} files with --data-dir DIR "
+            "or the GPUNET_DATA environment variable")
+
+
+def _check_name(name) -> None:
+    if name not in DATASETS:
+        raise ValueError(f"name must be one of {', '.join(DATASETS)}, got {name!r}")
+
+
+def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: bool = True,
+                 progress: bool = False, verify: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return ``(x_train, y_train, x_test, y_test)`` of dataset ``name`` (one of
+    :data:`DATASETS`) as writable uint8 arrays.
+
+    Shapes are (60000, 28, 28), (60000,), (10000, 28, 28), (10000,). The files are looked for as
+    :func:`resolve_root` says (a folder named by ``root`` or ``$GPUNET_DATA``, or its subfolder
+    named ``name``); those missing are downloaded from the dataset's mirrors when ``download``
+    is true. ``verify=False`` skips the check against the published checksums of files already
+    on disk (for tiny synthetic test files, or a KMNIST copy that cannot be verified), but a file
+    recognised as another dataset's is still refused; downloaded files are always verified,
+    since nothing unverified may land under a final name.
     """
-    folder = resolve_root(root)
-    given = _given_as(root)
-    if given and not folder.is_dir():
+    _check_name(name)
+    title = TITLES[name]
+    folder, base, given = _locate(root, name)
+    if given and not base.is_dir():
         # A folder that was named explicitly and is not there is a mistake to report, not a place
-        # to create and download into; only the project's own data/ is made on demand.
-        what = "does not exist" if not folder.exists() else "is not a folder"
-        raise DatasetError(f"the data folder {folder} ({given}) {what}, so nothing was created or "
-                           f"downloaded; {_HINT}: one holding {_FILES_TEXT}.")
-    found = {name: _find(folder, name) for name in SHA256}
-    missing = [name for name, path in found.items() if path is None]
+        # to create and download into; only the project's own data/ is made on demand (and a
+        # dataset's subfolder of a folder that exists).
+        what = "does not exist" if not base.exists() else "is not a folder"
+        raise DatasetError(f"the data folder {base} ({given}) {what}, so nothing was created or "
+                           f"downloaded; {_hint(name)}: one holding {_FILES_TEXT}.")
+    found = {file: _find(folder, file) for file in FILES}
+    missing = [file for file, path in found.items() if path is None]
     if missing and not download:
         where = f"{folder} (which does not exist)" if not folder.is_dir() else str(folder)
         raise DatasetError(
-            f"MNIST not found in {where}: missing {', '.join(missing)} (looked for each as .gz or raw "
-            f"IDX, e.g. {missing[0]}.gz or {_dotted(missing[0])}); {_HINT}, or allow downloading.")
+            f"{title} not found in {where}: missing {', '.join(missing)} (looked for each as .gz or "
+            f"raw IDX, e.g. {missing[0]}.gz or {_dotted(missing[0])}); {_hint(name)}, or allow "
+            "downloading.")
     if missing:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise DatasetError(f"cannot create the data folder {folder}: {exc.strerror or exc}; "
-                               f"{_HINT}.") from exc
+                               f"{_hint(name)}.") from exc
 
     arrays = {}
-    for name, path in found.items():
+    for file, path in found.items():
         if path is None:
-            arrays[name], found[name] = _download(name, folder, progress), folder / f"{name}.gz"
+            arrays[file], found[file] = _download(name, file, folder, progress), folder / f"{file}.gz"
         else:
-            arrays[name] = _load_file(path, name, verify)
+            arrays[file] = _load_file(path, file, name, verify)
     for split in ("train", "t10k"):
         images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
         if len(arrays[images]) != len(arrays[labels]):
@@ -114,12 +198,36 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
     return tuple(arrays.values())
 
 
-def resolve_root(root: str | os.PathLike | None = None) -> Path:
-    """The data folder: ``root`` if given, else ``$GPUNET_DATA`` if set, else the project's ``data/``."""
-    if root is not None:
-        return Path(root).expanduser()
-    env = os.environ.get("GPUNET_DATA")
-    return Path(env).expanduser() if env else DEFAULT_ROOT
+def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,
+               progress: bool = False, verify: bool = True
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``load_dataset("mnist", ...)``: MNIST's ``(x_train, y_train, x_test, y_test)``."""
+    return load_dataset("mnist", root, download=download, progress=progress, verify=verify)
+
+
+def resolve_root(root: str | os.PathLike | None = None, *, dataset: str = "mnist") -> Path:
+    """The folder that holds (or will hold) ``dataset``'s files.
+
+    The folder named by ``root`` if given, else by ``$GPUNET_DATA`` if set; in it, the subfolder
+    named after the dataset when there is one, or when the folder is a collection (it has a
+    subfolder named after another dataset); else the named folder itself. With nothing named:
+    ``data/<dataset>/`` in the project, except MNIST's ``data/`` (unless ``data/mnist/`` exists).
+    """
+    _check_name(dataset)
+    return _locate(root, dataset)[0]
+
+
+def _locate(root, name: str) -> tuple[Path, Path, str | None]:
+    """(the dataset's folder, the folder that was named or the default, how it was named)."""
+    given = _given_as(root)
+    if given is None:
+        own = DEFAULT_ROOT / name
+        legacy = name == "mnist" and not own.is_dir()  # MNIST's home before there were others
+        return (DEFAULT_ROOT if legacy else own), DEFAULT_ROOT, None
+    base = Path(root if root is not None else os.environ["GPUNET_DATA"]).expanduser()
+    own = base / name
+    collection = any((base / other).is_dir() for other in DATASETS if other != name)
+    return (own if own.is_dir() or collection else base), base, given
 
 
 def _given_as(root) -> str | None:
@@ -131,17 +239,27 @@ def _given_as(root) -> str | None:
     return None
 
 
+def dataset_files(name: str, root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The files of dataset ``name`` present in its folder, by name (those missing are left out)."""
+    folder = resolve_root(root, dataset=name)
+    found = {file: _find(folder, file) for file in FILES}
+    return {file: path for file, path in found.items() if path is not None}
+
+
+def dataset_available(name: str, root: str | os.PathLike | None = None) -> bool:
+    """Whether all four files of dataset ``name`` are in its folder (gzipped or raw, under any
+    accepted name). Their content is not read: which dataset they hold is checked on loading."""
+    return len(dataset_files(name, root)) == len(FILES)
+
+
 def mnist_files(root: str | os.PathLike | None = None) -> dict[str, Path]:
     """The MNIST files present in the data folder, by name (those missing are left out)."""
-    folder = resolve_root(root)
-    found = {name: _find(folder, name) for name in SHA256}
-    return {name: path for name, path in found.items() if path is not None}
+    return dataset_files("mnist", root)
 
 
 def mnist_available(root: str | os.PathLike | None = None) -> bool:
     """Whether all four MNIST files are in the data folder (gzipped or raw, under any accepted name)."""
-    folder = resolve_root(root)
-    return all(_find(folder, name) is not None for name in SHA256)
+    return dataset_available("mnist", root)
 
 
 def _find(folder: Path, name: str) -> Path | None:
@@ -161,24 +279,27 @@ def _kind(name: str) -> str:
     return "images" if "-images-" in name else "labels"
 
 
-def _load_file(path: Path, name: str, verify: bool) -> np.ndarray:
-    """Read, decompress, parse and (if asked) verify one file already in the data folder."""
+def _load_file(path: Path, file: str, dataset: str, verify: bool) -> np.ndarray:
+    """Read, decompress, parse and check one file already in the data folder: always that it is
+    not another dataset's, and (if ``verify``) that it is the published file of ``dataset``."""
     try:
-        data = _read_idx_bytes(path, source=str(path), kind=_kind(name), name=name if verify else None)
+        data = _read_idx_bytes(path, source=str(path), kind=_kind(file),
+                               name=file if verify else None, title=TITLES[dataset])
+        array = parse_idx(data, kind=_kind(file), source=str(path))
+        problem = _verification_problem(data, file, dataset, verify, lambda: _gz_md5_of(path))
     except OSError as exc:
         raise DatasetError(f"{path}: cannot be read: {exc.strerror or exc}.") from exc
-    array = parse_idx(data, kind=_kind(name), source=str(path))
-    problem = _checksum_problem(data, name) if verify else None
     if problem:
-        raise DatasetError(f"{path}: {problem}; the file is damaged or not the published MNIST {name}: "
-                           f"delete it and run again to download a fresh copy.")
+        what, advice = problem
+        raise DatasetError(f"{path}: {what}; {advice}.")
     return array
 
 
 # --- Parsing ---------------------------------------------------------------------------------
 
 
-def _read_idx_bytes(path: Path, *, source: str, kind: str, name: str | None = None) -> bytearray:
+def _read_idx_bytes(path: Path, *, source: str, kind: str, name: str | None = None,
+                    title: str = "MNIST") -> bytearray:
     """The IDX bytes of a file, decompressed if it is gzip, and never more than its header says.
 
     Gzip is recognised by its magic bytes rather than by the name, so a raw file named ``.gz`` or a
@@ -186,15 +307,16 @@ def _read_idx_bytes(path: Path, *, source: str, kind: str, name: str | None = No
     of it instead of 47 MB copies. The header is read first: a raw file longer than it declares
     (a 1 TiB sparse file, say) is refused from its size alone, and decompression stops one byte
     past the declared size (a gzip bomb inflates no further than that). With ``name`` the header
-    must also declare the size of the published MNIST file, which bounds the read for any header.
+    must also declare the size of the published file (``title``'s, the same in all three
+    datasets), which bounds the read for any header.
     """
     with open(path, "rb") as f:
         head = f.read(16)
         f.seek(0)
         if head[:2] == _GZIP_MAGIC:
-            return _gunzip(f, source=source, kind=kind, name=name)
+            return _gunzip(f, source=source, kind=kind, name=name, title=title)
         size = os.fstat(f.fileno()).st_size
-        declared = _declared_size(head, kind, source, name)
+        declared = _declared_size(head, kind, source, name, title)
         if declared is None:  # not an IDX header of this kind: parse_idx says what it is
             return bytearray(f.read(1024))
         count, expected = declared
@@ -206,7 +328,8 @@ def _read_idx_bytes(path: Path, *, source: str, kind: str, name: str | None = No
     return data
 
 
-def _declared_size(head: bytes, kind: str, source: str, name: str | None) -> tuple[int, int] | None:
+def _declared_size(head: bytes, kind: str, source: str, name: str | None,
+                   title: str = "MNIST") -> tuple[int, int] | None:
     """(count, total bytes) that an IDX header of ``kind`` declares, or None if ``head`` is no
     such header; with ``name``, a count other than the published file's is a DatasetError."""
     magic, header_size = _IDX[kind]
@@ -219,12 +342,12 @@ def _declared_size(head: bytes, kind: str, source: str, name: str | None) -> tup
     expected = header_size + count * item_size
     if name is not None and name in SIZES and expected != SIZES[name]:
         published = (SIZES[name] - header_size) // item_size
-        raise DatasetError(f"{source}: the header says {count} {kind}, but the published MNIST "
-                           f"{name} has {published}; the file is damaged or not MNIST.")
+        raise DatasetError(f"{source}: the header says {count} {kind}, but the published {title} "
+                           f"{name} has {published}; the file is damaged or not {title}.")
     return count, expected
 
 
-def _gunzip(f, *, source: str, kind: str, name: str | None) -> bytearray:
+def _gunzip(f, *, source: str, kind: str, name: str | None, title: str = "MNIST") -> bytearray:
     """Decompress every gzip member read from ``f`` into one bytearray, stopping one byte past
     the size that the decompressed IDX header declares.
 
@@ -252,7 +375,7 @@ def _gunzip(f, *, source: str, kind: str, name: str | None) -> bytearray:
             if inflater.eof:
                 pending, inflater = inflater.unused_data, None
             if limit is None and len(out) >= header_size:
-                declared = _declared_size(bytes(out[:header_size]), kind, source, name)
+                declared = _declared_size(bytes(out[:header_size]), kind, source, name, title)
                 if declared is None:  # not IDX: parse_idx names what it is from the start
                     return out
                 count, limit = declared
@@ -271,11 +394,11 @@ def _gunzip(f, *, source: str, kind: str, name: str | None) -> bytearray:
 
 
 def parse_idx(data: bytes | bytearray, *, kind: str, source: str) -> np.ndarray:
-    """Parse the bytes of an IDX file of MNIST ``kind`` ("images" or "labels").
+    """Parse the bytes of an IDX file of ``kind`` ("images" or "labels") in MNIST's format.
 
     Images come back as (N, 28, 28) and labels as (N,), both uint8 views of ``data`` (writable when
     ``data`` is a bytearray). The header must say exactly how long the data is and labels must be
-    digits, so a truncated, padded or foreign file fails here with a message naming ``source``
+    classes 0..9, so a truncated, padded or foreign file fails here with a message naming ``source``
     rather than training on garbage.
     """
     if kind not in _IDX:
@@ -284,7 +407,7 @@ def parse_idx(data: bytes | bytearray, *, kind: str, source: str) -> np.ndarray:
     head = bytes(data[:1024]).removeprefix(codecs.BOM_UTF8).lstrip()
     if head.startswith(b"<"):  # covers <!DOCTYPE and <html
         raise DatasetError(f"{source}: found an HTML page where IDX/gzip data was expected "
-                           f"(a proxy, login or error page rather than the MNIST file).")
+                           f"(a proxy, login or error page rather than the data file).")
     found = struct.unpack_from(">I", data)[0] if len(data) >= 4 else magic
     if found != magic:
         raise DatasetError(f"{source}: {_magic_problem(found, kind)}")
@@ -294,7 +417,7 @@ def parse_idx(data: bytes | bytearray, *, kind: str, source: str) -> np.ndarray:
     if kind == "images":
         count, rows, cols = struct.unpack_from(">III", data, 4)
         if (rows, cols) != IMAGE_SHAPE:
-            raise DatasetError(f"{source}: images are {rows}x{cols}, expected 28x28 for MNIST.")
+            raise DatasetError(f"{source}: images are {rows}x{cols}, expected 28x28 (MNIST's format).")
         item_size = rows * cols
     else:
         (count,) = struct.unpack_from(">I", data, 4)
@@ -308,10 +431,10 @@ def parse_idx(data: bytes | bytearray, *, kind: str, source: str) -> np.ndarray:
     array = np.frombuffer(data, np.uint8, count=count * item_size, offset=header_size)
     if kind == "images":
         return array.reshape(count, *IMAGE_SHAPE)
-    bad = np.flatnonzero(array > 9)
+    bad = np.flatnonzero(array >= NUM_CLASSES)
     if bad.size:
-        raise DatasetError(f"{source}: label {array[bad[0]]} at index {bad[0]} is not a digit 0..9 "
-                           f"({bad.size} such labels in all).")
+        raise DatasetError(f"{source}: label {array[bad[0]]} at index {bad[0]} is not a class "
+                           f"0..{NUM_CLASSES - 1} ({bad.size} such labels in all).")
     return array
 
 
@@ -332,20 +455,77 @@ def _magic_problem(found: int, kind: str) -> str:
 # --- Verification ----------------------------------------------------------------------------
 
 
-def _checksum_problem(data: bytes | bytearray, name: str) -> str | None:
-    """What is wrong with the SHA-256 of ``data`` for MNIST file ``name``, or None if it matches."""
-    actual = hashlib.sha256(data).hexdigest()
-    expected = SHA256[name]
-    if actual == expected:
+def _verification_problem(data: bytes | bytearray, file: str, dataset: str, verify: bool,
+                          gz_md5) -> tuple[str, str] | None:
+    """(what is wrong, what to do about it) when ``data``, the decompressed bytes of ``file``,
+    is not to be used as ``dataset``'s, or None. ``gz_md5()`` gives the MD5 of the file's
+    ``.gz`` bytes (None for a raw file); it is only called when the SHA-256 did not settle it.
+
+    A file whose checksum is another dataset's published one is refused whatever ``verify``
+    says: it is what a folder holding the wrong dataset gives, and training on it would be a
+    silent wrong answer. With ``verify``, anything but ``dataset``'s published file is refused.
+    """
+    title = TITLES[dataset]
+    sha = hashlib.sha256(data).hexdigest()
+    expected = (_sha256_table(dataset) or {}).get(file)
+    if sha == expected:
         return None
-    return f"the SHA-256 of the decompressed data is {actual}, expected {expected}"
+    md5 = gz_md5()
+    other = _identify(file, sha, md5)
+    if other == dataset:  # KMNIST, by the MD5 of the published .gz
+        return None
+    if other is not None:
+        return (f"this is {TITLES[other]}'s {file} (its checksum is the published one), not "
+                f"{title}'s: the folder holds {TITLES[other]}",
+                f"ask for --dataset {other}, or point --data-dir or GPUNET_DATA at the {title} "
+                f"files (or at a folder with a {dataset}/ subfolder)")
+    if not verify:
+        return None
+    if expected is not None:
+        return (f"the SHA-256 of the decompressed data is {sha}, expected {expected}",
+                f"the file is damaged or not the published {title} {file}: delete it and run "
+                "again to download a fresh copy")
+    published = _gz_md5_table(dataset)[file]
+    why = (f"{title} is verified by the published MD5 of its .gz files alone (no checksum of its "
+           f"decompressed data is known to gpunet), so a raw or recompressed copy cannot be "
+           f"verified")
+    advice = (f"put the published {file}.gz in its place (or delete it, and it is downloaded "
+              f"and verified), or, trusting the copy, {_UNVERIFIED}")
+    if md5 is None:
+        return f"this raw (not gzipped) file cannot be verified as {title}'s {file}: {why}", advice
+    return (f"the MD5 of this .gz file is {md5}, but the published {title} {file}.gz has "
+            f"{published}: the file is damaged, recompressed or not {title}; {why}", advice)
+
+
+def _identify(file: str, sha: str, md5: str | None) -> str | None:
+    """The dataset whose published ``file`` has this SHA-256 (of the decompressed bytes) or this
+    MD5 (of the .gz bytes), or None."""
+    for name in DATASETS:
+        if (_sha256_table(name) or {}).get(file) == sha:
+            return name
+        if md5 is not None and (_gz_md5_table(name) or {}).get(file) == md5:
+            return name
+    return None
+
+
+def _gz_md5_of(path: Path) -> str | None:
+    """The MD5 of the file's bytes if it is gzip (recognised by content), else None."""
+    with open(path, "rb") as f:
+        if f.read(2) != _GZIP_MAGIC:
+            return None
+        f.seek(0)
+        digest = hashlib.md5(usedforsecurity=False)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 # --- Download --------------------------------------------------------------------------------
 
 
-def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
-    """Fetch ``<mirror><name>.gz`` from the first mirror that serves verified data.
+def _download(dataset: str, name: str, folder: Path, progress: bool) -> np.ndarray:
+    """Fetch ``<mirror><name>.gz`` from the first of ``dataset``'s mirrors that serves verified
+    data.
 
     Each attempt writes a temporary ``.part`` file beside the final one and renames it into place
     only after it parsed and verified, so an interrupted or bad download never sits under the name
@@ -355,14 +535,14 @@ def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
     for stale in folder.glob(f"{final.name}.{'?' * 8}.part"):  # left by a download killed -9
         stale.unlink(missing_ok=True)
     failures = []
-    for mirror in MIRRORS:
+    for mirror in _mirrors(dataset):
         url = f"{mirror}{name}.gz"
-        part = _new_part_file(folder, final.name)
+        part = _new_part_file(folder, final.name, dataset)
         try:
             if progress:
                 print(f"downloading {url} -> {final}", file=sys.stdout, flush=True)
             try:
-                array = _fetch(url, part, name)
+                array = _fetch(url, part, name, dataset)
             except (OSError, http.client.HTTPException, ValueError, DatasetError) as exc:
                 failures.append(_failure(url, exc))
                 continue
@@ -370,11 +550,12 @@ def _download(name: str, folder: Path, progress: bool) -> np.ndarray:
             return array
         finally:
             part.unlink(missing_ok=True)  # a no-op after a successful replace
-    raise DatasetError(f"could not download {final.name} into {folder}, where the MNIST files were looked "
-                       f"for: {'; '.join(failures)}. If you have the files, {_HINT}.")
+    raise DatasetError(f"could not download {final.name} into {folder}, where the {TITLES[dataset]} "
+                       f"files were looked for: {'; '.join(failures)}. If you have the files, "
+                       f"{_hint(dataset)}.")
 
 
-def _new_part_file(folder: Path, final_name: str) -> Path:
+def _new_part_file(folder: Path, final_name: str, dataset: str) -> Path:
     """A fresh, empty ``<final_name>.<random>.part`` file in ``folder``.
 
     Unlike ``tempfile.mkstemp`` (mode 0600) it gets the umask's usual permissions, which the
@@ -385,19 +566,19 @@ def _new_part_file(folder: Path, final_name: str) -> Path:
         part.touch(exist_ok=False)
     except OSError as exc:
         raise DatasetError(f"cannot write into the data folder {folder}: {exc.strerror or exc}; "
-                           f"{_HINT}.") from exc
+                           f"{_hint(dataset)}.") from exc
     return part
 
 
-def _fetch(url: str, part: Path, name: str) -> np.ndarray:
+def _fetch(url: str, part: Path, name: str, dataset: str) -> np.ndarray:
     """Download ``url`` into ``part`` and return its parsed array once it verified."""
     with _urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(part, "wb") as out:
         shutil.copyfileobj(response, out, _CHUNK)
-    data = _read_idx_bytes(part, source=url, kind=_kind(name), name=name)
+    data = _read_idx_bytes(part, source=url, kind=_kind(name), name=name, title=TITLES[dataset])
     array = parse_idx(data, kind=_kind(name), source=url)
-    problem = _checksum_problem(data, name)
+    problem = _verification_problem(data, name, dataset, True, lambda: _gz_md5_of(part))
     if problem:
-        raise DatasetError(f"{url}: {problem}")
+        raise DatasetError(f"{url}: {problem[0]}")
     return array
 
 

@@ -1,12 +1,15 @@
-"""Training an MLP on MNIST: the loop behind ``train.py``, callable from Python.
+"""Training an MLP or a small CNN on MNIST, Fashion-MNIST or KMNIST: the loop behind
+``train.py``, callable from Python.
 
     from gpunet.trainer import TrainConfig, fit
     result = fit(TrainConfig(epochs=3, data_dir="../shared/data/mnist"))
+    result = fit(TrainConfig(model="cnn", dataset="fashion-mnist", data_dir="../shared/data"))
 
 The whole training set moves to the device once; each step gathers a batch into fixed buffers
 from a seeded permutation, runs forward, the fused loss, backward and the optimizer update, and
 never reads a value back to the host. Losses accumulate on the device and are read once per
-epoch (and a few times a second for the progress bar, when there is one).
+epoch (and a few times a second for the progress bar, when there is one). Images stay flattened,
+(N, 784), on the device; the CNN is fed a (N, 1, 28, 28) view of the same batch buffer.
 """
 
 from __future__ import annotations
@@ -26,10 +29,19 @@ from . import checkpoint, distributed, layers, losses, optim
 from .kernels import blas
 from .backend import (get_array_module, get_device, manual_seed, resolve_dtype, take_rows,
                       to_device, to_numpy)
-from .datasets import load_mnist, mnist_files, resolve_root
+from .conv import small_cnn
+from .datasets import DATASETS, IMAGE_SHAPE, dataset_files, load_dataset, resolve_root
+from .dropout import Dropout
 from .functional import count_correct, softmax_cross_entropy
 
 NUM_CLASSES = 10
+# mlp: layers.mlp of the hidden widths and activation; cnn: conv.small_cnn, whose layers are
+# fixed (these are its arguments, named here once for the model and for the memory estimate).
+MODELS = ("mlp", "cnn")
+MLP_HIDDEN, MLP_ACTIVATION = (512,), "relu"
+CNN_CHANNELS, CNN_HIDDEN, CNN_DROPOUT = (32, 64), 128, 0.25
+# The settings a checkpoint's model was built from, and learnt on: a resumed run keeps them.
+ARCHITECTURE = ("dataset", "model", "hidden", "activation")
 
 
 class TrainingDiverged(RuntimeError):
@@ -38,9 +50,14 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. The defaults reach >= 98% MNIST test accuracy."""
+    """Everything that defines a run. The defaults reach >= 98% MNIST test accuracy.
+
+    ``hidden`` and ``activation`` are settings of the mlp model (None: 512 and relu); the cnn
+    takes neither, and refuses them."""
 
     device: str = "auto"
+    dataset: str = "mnist"  # one of datasets.DATASETS
+    model: str = "mlp"
     epochs: int = 6
     batch_size: int = 128
     lr: float | None = None  # None: the optimizer's usual rate, DEFAULT_LR (as in PyTorch)
@@ -48,8 +65,8 @@ class TrainConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
-    hidden: tuple[int, ...] = (512,)
-    activation: str = "relu"
+    hidden: tuple[int, ...] | None = None
+    activation: str | None = None
     schedule: str = "cosine"
     # The epochs the schedule spans (PyTorch's T_max, in epochs); None: the whole run. A resumed
     # run keeps the saved span unless this is given (see Trainer._check_schedule).
@@ -58,6 +75,9 @@ class TrainConfig:
     label_smoothing: float = 0.1
     seed: int = 0
     data_dir: str | None = None
+    # False: data files that cannot be verified against the published checksums (a raw or
+    # recompressed KMNIST copy) are used anyway; another dataset's files are refused all the same.
+    verify_data: bool = True
     val_size: int = 5000
     dtype: str = "float32"  # float16/bfloat16: mixed precision with float32 master weights
     save: str | None = None
@@ -73,6 +93,9 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.hidden, (list, tuple)):
             self.hidden = tuple(self.hidden)
+        if self.model == "mlp":
+            self.hidden = MLP_HIDDEN if self.hidden is None else self.hidden
+            self.activation = MLP_ACTIVATION if self.activation is None else self.activation
         # Whether lr came from DEFAULT_LR rather than from the caller (not a field: it is not
         # part of the run's identity, and a resumed run reads back the rate as a given one).
         self.lr_is_default = self.lr is None and self.optimizer in DEFAULT_LR
@@ -102,11 +125,25 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number {bound}"
                                  f"{'' if high == math.inf else f' and < {high}'}, got {value!r}")
 
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "dtype": DTYPES,
-                   "activation": tuple(layers.ACTIVATIONS)}
+        choices = {"dataset": DATASETS, "model": MODELS, "optimizer": OPTIMIZERS,
+                   "schedule": SCHEDULES, "dtype": DTYPES}
+        if self.model == "mlp":
+            choices["activation"] = tuple(layers.ACTIVATIONS)
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.model != "mlp":
+            mlp_only = [f"{k}={getattr(self, k)!r}" for k in ("hidden", "activation")
+                        if getattr(self, k) is not None]
+            if mlp_only:
+                raise ValueError(f"hidden and activation are settings of model 'mlp'; model "
+                                 f"{self.model!r} (gpunet.conv.small_cnn) has fixed layers, got "
+                                 f"{' and '.join(mlp_only)}")
+            if self.dtype in ("float16", "bfloat16"):
+                raise ValueError(f"dtype {self.dtype} with model {self.model!r}: Conv2d computes in "
+                                 "the dtype of its parameters and has no mixed precision (no "
+                                 f"compute_dtype), so the run would not be {self.dtype}; give dtype "
+                                 "float32 or float64")
         integer("epochs", 0)
         integer("batch_size", 1)
         integer("eval_batch_size", 1)
@@ -119,8 +156,9 @@ class TrainConfig:
         number("label_smoothing", 0, 1)
         if self.schedule_epochs is not None:
             integer("schedule_epochs", 1)
-        if not isinstance(self.nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {self.nesterov!r}")
+        for name in ("nesterov", "verify_data"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.nesterov and self.optimizer != "sgd":
             raise ValueError(f"nesterov momentum belongs to the sgd optimizer, not {self.optimizer}")
         if self.nesterov and self.momentum == 0:
@@ -138,15 +176,62 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, (str, os.PathLike)) or str(value) == ""):
                 raise ValueError(f"{name} must be a non-empty path or None, got {value!r}")
-        if not isinstance(self.hidden, tuple) or not self.hidden or any(
+        if self.model == "mlp" and (not isinstance(self.hidden, tuple) or not self.hidden or any(
                 isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h <= 0
-                for h in self.hidden):
+                for h in self.hidden)):
             raise ValueError(f"hidden must be one or more positive layer widths, got {self.hidden!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"] = None if self.hidden is None else list(self.hidden)
         return d
+
+
+# Settings of a checkpoint that a resumed run does not inherit: the files of that run, and the
+# permission to use unverified data, which is given (or not) for each run anew.
+NOT_INHERITED = ("save", "resume", "metrics_json", "verify_data")
+
+
+def saved_settings(meta: dict, path) -> dict:
+    """The settings a checkpoint's run was made with (``meta["config"]``), those a resumed run
+    inherits, checked as a TrainConfig checks them; a CheckpointError names a bad one."""
+    fields = TrainConfig.__dataclass_fields__
+    saved = {k: v for k, v in meta["config"].items() if k in fields and k not in NOT_INHERITED}
+    try:
+        TrainConfig(**saved)
+    except (ValueError, TypeError) as exc:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path}: meta key 'config' holds an invalid setting: {exc}") from None
+    return saved
+
+
+def architecture_conflict(saved: dict, asked: dict, path) -> str | None:
+    """What in ``asked`` (settings by name; None: not asked) contradicts the dataset and model
+    that checkpoint ``path`` holds, as one line, or None. ``saved`` is its config; one from
+    before the dataset and model were settings holds an MLP trained on MNIST."""
+    held = {"dataset": saved.get("dataset", "mnist"), "model": saved.get("model", "mlp")}
+    if held["model"] == "mlp":
+        held["hidden"] = tuple(saved.get("hidden") or MLP_HIDDEN)
+        held["activation"] = saved.get("activation") or MLP_ACTIVATION
+    what = f"--model {held['model']}" + (
+        f" (--hidden {_flag_value(held['hidden'])}, --activation {held['activation']})"
+        if held["model"] == "mlp" else "") + f" trained on --dataset {held['dataset']}"
+    for key in ARCHITECTURE:
+        if asked.get(key) is None:
+            continue
+        want = tuple(asked[key]) if key == "hidden" else asked[key]
+        if key not in held:
+            return (f"checkpoint {path} holds {what}, which takes no --{key}, and --{key} "
+                    f"{_flag_value(want)} was asked; drop --{key} to resume it")
+        if want != held[key]:
+            return (f"checkpoint {path} holds {what}, and --{key} {_flag_value(want)} was asked; "
+                    f"a resumed run keeps the model and the data it was saved with: drop --{key} "
+                    "to resume it, or start a new run without --resume")
+    return None
+
+
+def _flag_value(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -252,8 +337,8 @@ class Trainer:
         self.param_dtype = np.float64 if self.dtype == np.float64 else np.float32
         self.loss_scale = FLOAT16_LOSS_SCALE if self.dtype == np.float16 else 1.0
         # Everything the run would write is checked before anything is read or computed.
-        self.data_dir = resolve_root(config.data_dir) if data is None else None
-        data_files = mnist_files(self.data_dir) if data is None else {}
+        self.data_dir = resolve_root(config.data_dir, dataset=config.dataset) if data is None else None
+        data_files = dataset_files(config.dataset, config.data_dir) if data is None else {}
         if self.comm.is_root:  # the one rank that writes
             checkpoint.check_outputs(
                 {"--save": config.save, "--metrics-json": config.metrics_json},
@@ -275,8 +360,9 @@ class Trainer:
                        "in float32 (about 275 x for float16: minutes per epoch, not seconds); "
                        "mixed precision pays off on a GPU, use float32 here")
         if data is None:
-            data = prepare_mnist(load_mnist(config.data_dir, progress=not quiet),
-                                 val_size=config.val_size, device=self.device, dtype=self.dtype)
+            raw = load_dataset(config.dataset, config.data_dir, progress=not quiet,
+                               verify=config.verify_data)
+            data = prepare_mnist(raw, val_size=config.val_size, device=self.device, dtype=self.dtype)
         self.data = data
         _check_labels(data)
         self.n_train = len(data.y_train)
@@ -288,6 +374,12 @@ class Trainer:
         self.batch_sizes = np.array([hi - lo for lo, hi in self._shards], dtype=np.int64)
         self.steps_per_epoch = len(self.global_batch_sizes)
         in_features = int(np.prod(data.x_train.shape[1:]))
+        # The CNN sees each flattened row as the (1, 28, 28) image it was (see _model_input).
+        self.image_shape = (1, *IMAGE_SHAPE) if config.model == "cnn" else None
+        if self.image_shape and in_features != math.prod(self.image_shape):
+            raise ValueError(f"--model {config.model} takes {IMAGE_SHAPE[0]}x{IMAGE_SHAPE[1]} images "
+                             f"({math.prod(self.image_shape)} values each), but data.x_train has "
+                             f"{in_features} values per image")
         batch_rows = min(config.batch_size, self.n_train)
         if config.batch_size > self.n_train:
             self._warn(f"--batch-size {config.batch_size} is more than the {self.n_train} "
@@ -295,12 +387,13 @@ class Trainer:
         self._check_memory(in_features, batch_rows)
 
         manual_seed(config.seed)
+        # The CNN draws its weights and (on the CPU) its dropout masks from a generator of its
+        # own, whose state the checkpoint keeps: a resumed run draws the masks a straight one
+        # would. The MLP draws nothing after its weights, from gpunet's seeded generator.
+        self.model_rng = np.random.default_rng([config.seed, 1]) if config.model == "cnn" else None
         try:
             with self.device.scope():
-                mixed = self.dtype != self.param_dtype
-                self.model = layers.mlp([in_features, *config.hidden, NUM_CLASSES],
-                                        config.activation, dtype=self.param_dtype,
-                                        compute_dtype=self.dtype if mixed else None).to(self.device)
+                self.model = self._build_model(in_features).to(self.device)
                 self.loss_fn = losses.SoftmaxCrossEntropy(label_smoothing=config.label_smoothing)
                 self.optimizer = make_optimizer(config, self.model.parameters())
                 xp = get_array_module(data.x_train)
@@ -327,8 +420,35 @@ class Trainer:
                     self.comm.broadcast_(buffer)
         self.graph = None
         if self.device.type == "cuda" and config.cuda_graph and self.optimizer.fused_device_update:
-            from .graph import GraphStep
-            self.graph = GraphStep(self)
+            if config.model == "mlp":
+                from .graph import GraphStep
+                self.graph = GraphStep(self)
+            else:
+                # A captured graph writes into the addresses it was captured with, but Conv2d
+                # reuses workspaces that the epoch's last, smaller batch reallocates (their old
+                # memory back in the pool): the replays would write into memory in other use.
+                self._notes.append(f"note: --model {config.model} runs its kernels eagerly on the "
+                                   "GPU, not as a CUDA graph (the convolutions' workspaces change "
+                                   "size with the epoch's last batch, which a captured graph "
+                                   "cannot follow)")
+
+    def _build_model(self, in_features: int):
+        config = self.config
+        if config.model == "cnn":
+            return small_cnn(1, NUM_CLASSES, IMAGE_SHAPE[0], channels=CNN_CHANNELS,
+                             hidden=CNN_HIDDEN, dropout=CNN_DROPOUT, dtype=self.param_dtype,
+                             rng=self.model_rng)
+        mixed = self.dtype != self.param_dtype
+        return layers.mlp([in_features, *config.hidden, NUM_CLASSES], config.activation,
+                          dtype=self.param_dtype, compute_dtype=self.dtype if mixed else None)
+
+    def _model_input(self, x):
+        """What the model takes for rows ``x`` of the flattened images: x itself, or for the CNN
+        a (N, 1, 28, 28) view of it (rows of a C-ordered array reshape without a copy)."""
+        return x if self.image_shape is None else x.reshape(len(x), *self.image_shape)
+
+    def _dropout_layers(self) -> list:
+        return [layer for layer in getattr(self.model, "layers", ()) if isinstance(layer, Dropout)]
 
     def _share_cores(self) -> None:
         """Ranks that share a machine share its cores: one BLAS thread pool per rank, each of
@@ -375,12 +495,27 @@ class Trainer:
         # Checkpoints are written at epoch ends, where the schedule's position is exact in this
         # run's steps, also when --batch-size (and so the steps per epoch) changed.
         self.scheduler.load_state_dict({"last_step": epoch * self.steps_per_epoch})
-        try:
-            self.shuffle_rng.bit_generator.state = meta["shuffle_rng"]
-        except (ValueError, TypeError, KeyError) as exc:
+        if self.model_rng is not None and "model_rng" not in meta:
             raise checkpoint.CheckpointError(
-                f"checkpoint {path}: meta key 'shuffle_rng' is not a usable PCG64 state ({exc})"
-            ) from None
+                f"checkpoint {path} lacks meta key 'model_rng', so its --model {self.config.model} "
+                "cannot continue with the random draws (dropout masks) of the run it was saved from")
+        for key, generator in (("shuffle_rng", self.shuffle_rng), ("model_rng", self.model_rng)):
+            if generator is None:
+                continue
+            try:
+                generator.bit_generator.state = meta[key]
+            except (ValueError, TypeError, KeyError) as exc:
+                raise checkpoint.CheckpointError(
+                    f"checkpoint {path}: meta key {key!r} is not a usable PCG64 state ({exc})"
+                ) from None
+        dropouts = self._dropout_layers()
+        counters = meta.get("dropout_counters", [0] * len(dropouts))
+        if len(counters) != len(dropouts):
+            raise checkpoint.CheckpointError(
+                f"checkpoint {path}: meta key 'dropout_counters' must hold one counter for each "
+                f"of the model's {len(dropouts)} Dropout layers, got {len(counters)}")
+        for layer, count in zip(dropouts, counters):  # the GPU's counter-based masks
+            layer.counter = to_device(np.array(count, dtype=np.uint64), self.device)
         self.epoch, self.history = epoch, list(meta["history"])
         self.initial_loss = meta.get("initial_loss")
         self.previous_seconds = meta.get("total_seconds", sum(h["seconds"] for h in self.history))
@@ -389,6 +524,10 @@ class Trainer:
             self.saved = (epoch, last is None or self._failure(last) is None)
 
     def _check_resume(self, meta: dict, path) -> None:
+        conflict = architecture_conflict(saved_settings(meta, path),
+                                         {k: getattr(self.config, k) for k in ARCHITECTURE}, path)
+        if conflict:
+            raise checkpoint.CheckpointError(conflict)
         epoch = meta["epoch"]
         if epoch > self.config.epochs:
             raise ValueError(f"--epochs {self.config.epochs} is fewer than the {epoch} epochs "
@@ -420,35 +559,46 @@ class Trainer:
         need, _ = self._memory_need(in_features, batch_rows)
         available = _available_memory() if self.device.type == "cpu" else None
         if available is not None and need > available:
+            advice = "--hidden or --batch-size" if self.config.model == "mlp" else "--batch-size"
             raise ValueError(f"{self._memory_text(in_features, batch_rows)}, more than the "
                              f"{_gib(available)} this machine has available; give a smaller "
-                             "--hidden or --batch-size")
+                             f"{advice}")
+
+    def _eval_rows(self) -> int:
+        return min(self.config.eval_batch_size, max(len(self.data.y_val), len(self.data.y_test), 1))
 
     def _memory_need(self, in_features: int, batch_rows: int) -> tuple[int, int]:
         """(bytes the run needs beyond the data, parameter count)."""
         c = self.config
-        widths = [in_features, *c.hidden, NUM_CLASSES]
-        params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
         states = {"sgd": int(c.momentum > 0), "adam": 2, "adamw": 2}[c.optimizer]
         item, param_item = np.dtype(self.dtype).itemsize, np.dtype(self.param_dtype).itemsize
+        if c.model == "cnn":
+            params, train_bytes, eval_bytes = _cnn_sizes(item)
+            # parameters, gradients and optimizer state; per image of a training batch what
+            # forward keeps and backward makes, and of an evaluation batch the eval workspaces
+            need = params * param_item * (2 + states)
+            return need + batch_rows * train_bytes + self._eval_rows() * eval_bytes, params
+        widths = [in_features, *c.hidden, NUM_CLASSES]
+        params = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
         # parameters, gradients and optimizer state, plus the weights' low-precision copies
         need = params * (param_item * (2 + states) + (item if item != param_item else 0))
         # a batch: its inputs, and per layer the output, what backward keeps and the gradient
         need += batch_rows * (in_features + 3 * sum(widths[1:])) * item
-        eval_rows = min(c.eval_batch_size, max(len(self.data.y_val), len(self.data.y_test), 1))
-        need += eval_rows * 2 * max(widths[1:]) * item
+        need += self._eval_rows() * 2 * max(widths[1:]) * item
         return need, params
 
     def _memory_text(self, in_features: int, batch_rows: int) -> str:
         need, params = self._memory_need(in_features, batch_rows)
-        widths = "-".join(map(str, [in_features, *self.config.hidden, NUM_CLASSES]))
-        eval_rows = min(self.config.eval_batch_size,
-                        max(len(self.data.y_val), len(self.data.y_test), 1))
-        return (f"--hidden {','.join(map(str, self.config.hidden))} with --batch-size "
-                f"{self.config.batch_size} needs about {_gib(need)} (model {widths}: {params:,} "
-                f"parameters, with their gradients and {self.config.optimizer} state, and the "
-                f"layers' outputs for a batch of {batch_rows} and an evaluation batch of "
-                f"{eval_rows})")
+        c = self.config
+        parts = (f"{params:,} parameters, with their gradients and {c.optimizer} state, and the "
+                 f"layers' outputs for a batch of {batch_rows} and an evaluation batch of "
+                 f"{self._eval_rows()}")
+        if c.model == "cnn":
+            return (f"--model cnn with --batch-size {c.batch_size} needs about {_gib(need)} "
+                    f"(model {self._describe_model()}: {parts})")
+        widths = "-".join(map(str, [in_features, *c.hidden, NUM_CLASSES]))
+        return (f"--hidden {','.join(map(str, c.hidden))} with --batch-size {c.batch_size} needs "
+                f"about {_gib(need)} (model {widths}: {parts})")
 
     # --- the training step: everything between two batches ------------------------------------
 
@@ -523,7 +673,7 @@ class Trainer:
         (unscaled) and returns the loss. The eager loop and the CUDA graph step share it."""
         # x is a fixed batch buffer (this trainer's or the CUDA graph's), which the next step's
         # gather rewrites only after this backward: the model may keep it without a copy.
-        logits = self.model.forward(x, copy_input=False)
+        logits = self.model.forward(self._model_input(x), copy_input=False)
         # The labels were checked once, in __init__; checking them again here would cost a
         # device synchronisation per step on a GPU.
         loss, grad = self.loss_fn.forward_backward(logits, y, grad_output=self.loss_scale,
@@ -558,15 +708,21 @@ class Trainer:
             lo, hi = distributed.shard(n, self.comm)
             x, y = x[lo:hi], y[lo:hi]
         xp = get_array_module(x)
-        self.model.eval()
         loss_sum = xp.zeros((), dtype=np.float64)
         correct = xp.zeros((), dtype=np.uint64)
-        for start in range(0, len(y), self.config.eval_batch_size):
-            xb, yb = x[start:start + self.config.eval_batch_size], y[start:start + self.config.eval_batch_size]
-            logits = self.model.forward(xb)
-            loss_sum += softmax_cross_entropy(logits, yb, reduction="sum")
-            count_correct(logits, yb, out=correct)
-        self.model.train()
+        # Eval mode: Dropout off, BatchNorm on its running statistics. The mode the model was in
+        # comes back however this ends, so that a failed evaluation cannot leave the next
+        # epoch training without dropout.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(y), self.config.eval_batch_size):
+                stop = start + self.config.eval_batch_size
+                logits = self.model.forward(self._model_input(x[start:stop]))
+                loss_sum += softmax_cross_entropy(logits, y[start:stop], reduction="sum")
+                count_correct(logits, y[start:stop], out=correct)
+        finally:
+            self.model.train(was_training)
         if self.comm.size > 1:
             sums = np.array([float(loss_sum), float(correct)])
             self.comm.allreduce_sum_(sums)
@@ -585,8 +741,8 @@ class Trainer:
             rate += f", nesterov momentum {config.momentum:g}"
         ranks = "" if self.comm.size == 1 else (
             f" | {self.comm.size} ranks, batch {config.batch_size} per rank = {self.global_batch}")
-        self._say(f"device {self.device.describe()} | model {'-'.join(map(str, self._widths()))} "
-                  f"{config.activation} | {rate} | "
+        self._say(f"device {self.device.describe()} | dataset {config.dataset} | model "
+                  f"{config.model} {self._describe_model()} | {rate} | "
                   f"{self.n_train} train, {len(self.data.y_val)} val images{ranks}")
         for note in self._notes:
             self._say(note)
@@ -612,6 +768,8 @@ class Trainer:
         if self.data_dir is not None:  # where the data came from, also via GPUNET_DATA
             settings["data_dir"] = str(self.data_dir)
         metrics = {
+            "dataset": config.dataset, "model": config.model,
+            "architecture": f"{config.model} {self._describe_model()}",
             "device": str(self.device), "seed": config.seed, "epochs": self.epoch,
             "history": self.history, "test_accuracy": test_acc, "test_loss": test_loss,
             # Both count the resumed runs too, so train_seconds <= total_seconds always.
@@ -675,6 +833,9 @@ class Trainer:
                 - getattr(self, "_start_time", time.perf_counter())}
         if self.initial_loss is not None:
             meta["initial_loss"] = self.initial_loss
+        if self.model_rng is not None:
+            meta["model_rng"] = self.model_rng.bit_generator.state
+            meta["dropout_counters"] = [int(to_numpy(d.counter)) for d in self._dropout_layers()]
         checkpoint.save(path, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, meta=meta)
 
@@ -690,8 +851,15 @@ class Trainer:
             return f"the last checkpoint {path} (epoch {self.saved[0]}, which looked failed) is kept"
         return f"the last good checkpoint {path} (epoch {self.saved[0]}) is kept"
 
-    def _widths(self):
-        return [self.model[0].in_features, *self.config.hidden, NUM_CLASSES]
+    def _describe_model(self) -> str:
+        """The layer sizes: ``784-512-10 relu``, or the CNN's
+        ``1x28x28-conv32-pool-conv64-pool-128-10 dropout 0.25``."""
+        if self.config.model == "cnn":
+            (c1, c2), image = CNN_CHANNELS, "x".join(map(str, (1, *IMAGE_SHAPE)))
+            return (f"{image}-conv{c1}-pool-conv{c2}-pool-{CNN_HIDDEN}-{NUM_CLASSES} "
+                    f"dropout {CNN_DROPOUT:g}")
+        widths = [self.model[0].in_features, *self.config.hidden, NUM_CLASSES]
+        return f"{'-'.join(map(str, widths))} {self.config.activation}"
 
     def _say(self, line: str) -> None:
         if not self.quiet:
@@ -708,6 +876,29 @@ def _plural(n: int, word: str) -> str:
 
 def _gib(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def _cnn_sizes(item: int) -> tuple[int, int, int]:
+    """(parameters, bytes per image of a training batch, bytes per image of an evaluation batch)
+    of conv.small_cnn on 1x28x28 images with values of ``item`` bytes: a generous count, every
+    array a step makes taken as alive at once."""
+    (c1, c2), h = CNN_CHANNELS, IMAGE_SHAPE[0]
+    p1, p2 = (h // 2) ** 2, (h // 4) ** 2  # pixels after the first and the second pooling
+    params = (9 * c1 + c1) + (9 * c1 * c2 + c2) + (p2 * c2 + 1) * CNN_HIDDEN \
+        + (CNN_HIDDEN + 1) * NUM_CLASSES
+    # each convolution: padded input, im2col matrix (9 values per input value), output
+    conv1 = (h + 2) ** 2 + h * h * 9 + h * h * c1
+    conv2 = (h // 2 + 2) ** 2 * c1 + p1 * 9 * c1 + p1 * c2
+    pools = p1 * c1 + p2 * c2                      # their outputs (the max indices: bytes below)
+    dense = 2 * p2 * c2 + 4 * CNN_HIDDEN + NUM_CLASSES  # flattened copy, kept input, outputs, mask
+    forward = conv1 + conv2 + pools + dense
+    # backward: the gradient of each array above, the im2col one of the second convolution too
+    backward = forward - ((h + 2) ** 2 + h * h * 9)  # the first layer makes no input gradient
+    index_bytes = 3 * (p1 * c1 + p2 * c2) + h * h * c1 + p1 * c2  # max indices, scratch, masks
+    train = (forward + backward) * item + index_bytes
+    # eval mode keeps workspaces of its own (padded inputs and im2col matrices) and the outputs
+    evaluation = forward * item + index_bytes
+    return params, train, evaluation
 
 
 def _available_memory() -> int | None:

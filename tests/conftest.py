@@ -1,4 +1,4 @@
-"""Shared fixtures: the real MNIST files when present, and skipping of GPU tests where no GPU is."""
+"""Shared fixtures: the real MNIST and Fashion-MNIST files when present, and skipping of GPU tests where no GPU is."""
 
 import os
 from pathlib import Path
@@ -66,6 +66,24 @@ def mnist_dir() -> Path:
         pytest.skip(f"real MNIST files not found (looked in {looked}{unset}): run "
                     "GPUNET_DATA=/path/to/mnist pytest to include the tests that train on them")
     return found
+
+
+def _fashion_candidates() -> list[Path]:
+    env = os.environ.get("GPUNET_DATA")
+    found_by_env = [Path(env) / "fashion-mnist", Path(env).parent / "fashion-mnist"] if env else []
+    return found_by_env + [PROJECT.parent / "shared" / "data" / "fashion-mnist",
+                           PROJECT / "data" / "fashion-mnist"]
+
+
+@pytest.fixture(scope="session")
+def fashion_dir() -> Path:
+    """The folder holding the real Fashion-MNIST files (a fashion-mnist/ folder in or beside
+    GPUNET_DATA, ../shared/data/fashion-mnist or data/fashion-mnist)."""
+    for c in _fashion_candidates():
+        if all((c / f).exists() or (c / f[:-3]).exists() for f in MNIST_FILES):
+            return c
+    looked = ", ".join(map(str, _fashion_candidates()))
+    pytest.skip(f"real Fashion-MNIST files not found (looked in {looked})")
 
 
 @pytest.fixture

@@ -99,6 +99,13 @@ def _drop(key):
     (_set("schedule_epochs", 2.5), "meta key 'schedule_epochs' must be an integer >= 1, got 2.5"),
     (_set("initial_loss", None), "meta key 'initial_loss' must be a finite number >= 0, got null"),
     (_set("format", 2), "has format 2, this gpunet reads format 1"),
+    (_set("model_rng", {"bit_generator": "MT19937"}), "meta key 'model_rng' must be the state of a "
+                                                      "PCG64 generator"),
+    (_set("dropout_counters", [-1]), "meta key 'dropout_counters' must be a list of integers from 0 "
+                                     "to 2**64 - 1, got [-1]"),
+    (_set("dropout_counters", 3), "meta key 'dropout_counters' must be a list of integers"),
+    (_set("config.model", 3), "meta key 'config.model' must be a name (a string), got 3"),
+    (_set("config.dataset", ["mnist"]), "meta key 'config.dataset' must be a name (a string)"),
     (_drop("history"), "meta lacks 'history', so it is not a complete gpunet checkpoint"),
     (_drop("config"), "meta lacks 'config', so it is not a complete gpunet checkpoint"),
     (_drop("shuffle_rng"), "meta lacks 'shuffle_rng'"),
@@ -256,6 +263,87 @@ def test_a_checkpoint_from_before_the_optional_keys_still_resumes(good, tmp_path
     metrics = trainer.fit()
     assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert metrics["train_seconds"] <= metrics["total_seconds"]
+
+
+@pytest.mark.parametrize("change,message", [
+    (_set("config.model", "resnet"), "meta key 'config' holds an invalid setting: model must be one "
+                                     "of mlp, cnn, got 'resnet'"),
+    (_set("config.dataset", "cifar10"), "meta key 'config' holds an invalid setting: dataset must be "
+                                        "one of mnist, fashion-mnist, kmnist, got 'cifar10'"),
+    (_set("config.hidden", None), "meta key 'config' holds an invalid setting: hidden must be one or "
+                                  "more positive layer widths"),
+])
+def test_the_trainer_checks_the_saved_model_and_dataset(good, tmp_path, change, message):
+    """Their names are known to the trainer, which checks them before building anything."""
+    path = tmp_path / "bad.npz"
+    arrays = with_meta(good, change)
+    if "hidden" in message:  # an mlp without widths: only the saved settings can say so
+        meta = json.loads(str(arrays["meta"]))
+        meta["config"]["hidden"] = []
+        arrays["meta"] = np.array(json.dumps(meta))
+    write(path, arrays)
+    with pytest.raises(CheckpointError) as info:
+        Trainer(TrainConfig(device="cpu", hidden=(8,), epochs=2, batch_size=32, progress=False,
+                            resume=str(path)), tiny_data(), quiet=True)
+    assert str(info.value).startswith(f"checkpoint {path}: ") and message in str(info.value)
+
+
+def test_a_cnn_checkpoint_without_its_dropout_state_is_refused(tmp_path):
+    path = tmp_path / "cnn.npz"
+    data = tiny_data()
+    config = dict(device="cpu", model="cnn", epochs=2, schedule_epochs=2, batch_size=40,
+                  progress=False)
+    fit(TrainConfig(**{**config, "epochs": 1}, save=str(path)), data, quiet=True)
+    good = path.read_bytes()
+    for change, message in [(_drop("model_rng"), "lacks meta key 'model_rng', so its --model cnn "
+                                                 "cannot continue with the random draws"),
+                            (_set("dropout_counters", [0, 0]), "meta key 'dropout_counters' must "
+                                                               "hold one counter for each of the "
+                                                               "model's 1 Dropout layers, got 2")]:
+        write(path, with_meta(good, change))
+        with pytest.raises(CheckpointError, match=message):
+            Trainer(TrainConfig(**config, resume=str(path)), data, quiet=True)
+
+
+def test_batch_norm_buffers_go_into_a_checkpoint_and_come_back(tmp_path):
+    """The running statistics (register_buffer) are saved as model/ entries beside the
+    parameters, num_batches_tracked as an integer, and restore the eval-mode model exactly."""
+    from gpunet import optim
+    from gpunet.conv import Conv2d, Flatten
+    from gpunet.layers import Dense, ReLU, Sequential
+    from gpunet.norm import BatchNorm2d
+
+    def model(seed):
+        rng = np.random.default_rng(seed)
+        return Sequential(Conv2d(1, 4, 3, padding=1, rng=rng), BatchNorm2d(4), ReLU(), Flatten(),
+                          Dense(4 * 6 * 6, 3, rng=rng))
+
+    rng = np.random.default_rng(1)
+    trained = model(0)
+    opt = optim.SGD(trained.parameters(), lr=0.1, momentum=0.9)
+    x = rng.standard_normal((8, 1, 6, 6)).astype(np.float32)
+    for _ in range(3):
+        y = trained.forward(x)
+        trained.backward(rng.standard_normal(y.shape).astype(np.float32), input_grad=False)
+        opt.step()
+    path = tmp_path / "bn.npz"
+    meta = {"epoch": 1, "history": [{"epoch": 1, "train_loss": 1.0, "val_loss": None,
+                                     "val_accuracy": None, "seconds": 0.1}],
+            "config": {}, "shuffle_rng": np.random.default_rng(0).bit_generator.state}
+    checkpoint.save(path, model=trained, optimizer=opt, meta=meta)
+    loaded = checkpoint.load(path)
+    assert loaded["model/1.num_batches_tracked"] == 3
+    assert loaded["model/1.num_batches_tracked"].dtype == np.int64
+    np.testing.assert_array_equal(loaded["model/1.running_var"], trained[1].running_var)
+    assert not np.allclose(trained[1].running_mean, 0)  # three batches moved them
+
+    fresh = model(2)
+    checkpoint.restore(loaded, model=fresh, optimizer=optim.SGD(fresh.parameters(), lr=0.1,
+                                                                momentum=0.9), path=path)
+    for (name, a), (_, b) in zip(trained.named_buffers(), fresh.named_buffers()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert int(fresh[1].num_batches_tracked) == 3
+    np.testing.assert_array_equal(trained.eval().forward(x), fresh.eval().forward(x))
 
 
 # --- atomic writes ------------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def test_image_and_label_counts_must_match(tmp_path):
 
 
 def test_label_out_of_range(tmp_path):
-    with pytest.raises(DatasetError, match=r"label 10 at index 3 is not a digit 0\.\.9 \(1 such labels in all\)"):
+    with pytest.raises(DatasetError, match=r"label 10 at index 3 is not a class 0\.\.9 \(1 such labels in all\)"):
         load_with(tmp_path, "train-labels-idx1-ubyte", idx_labels([5, 0, 4, 10, 9]))
 
 
@@ -523,3 +523,274 @@ def test_a_huge_sparse_raw_file_is_refused_from_its_size(tmp_path):
             load_mnist(tmp_path, download=False, verify=False)
     finally:
         path.unlink()
+
+
+# --- Fashion-MNIST and KMNIST: one format, one folder per dataset ----------------------------
+
+
+def tiny_fashion() -> dict[str, bytes]:
+    """The tiny set with other pixels and labels: a second dataset under the same file names."""
+    files = tiny_mnist()
+    images = 255 - np.arange(8 * 28 * 28, dtype=np.int64).reshape(8, 28, 28) % 251
+    return {**files, "train-images-idx3-ubyte": idx_images(images[:5]),
+            "train-labels-idx1-ubyte": idx_labels([9, 0, 0, 3, 0]),
+            "t10k-images-idx3-ubyte": idx_images(images[5:]),
+            "t10k-labels-idx1-ubyte": idx_labels([9, 2, 1])}
+
+
+def published_gz(data: bytes) -> bytes:
+    """One fixed gzip encoding of ``data``: the stand-in for a published .gz file."""
+    return gzip.compress(data, compresslevel=9, mtime=0)
+
+
+@pytest.fixture
+def tiny_tables(monkeypatch, tiny_hashes):
+    """The checksum tables describe the tiny sets: MNIST's and Fashion-MNIST's SHA-256 of the
+    decompressed bytes, and KMNIST's MD5 of the published .gz (the tiny MNIST set, gzipped by
+    published_gz, stands in for KMNIST's files)."""
+    for name, data in tiny_fashion().items():
+        monkeypatch.setitem(datasets.FASHION_MNIST_SHA256, name, hashlib.sha256(data).hexdigest())
+    kmnist = tiny_kmnist()
+    for name, data in kmnist.items():
+        monkeypatch.setitem(datasets.KMNIST_GZ_MD5, name,
+                            hashlib.md5(published_gz(data)).hexdigest())
+    # The tiny KMNIST content must not be the tiny MNIST one, or MNIST's SHA-256 would claim it.
+    assert not set(map(hashlib.sha256, kmnist.values())) & set(map(hashlib.sha256, tiny_mnist().values()))
+
+
+def tiny_kmnist() -> dict[str, bytes]:
+    images = (np.arange(8 * 28 * 28, dtype=np.int64).reshape(8, 28, 28) * 7) % 253
+    return {"train-images-idx3-ubyte": idx_images(images[:5]),
+            "train-labels-idx1-ubyte": idx_labels([8, 6, 4, 2, 0]),
+            "t10k-images-idx3-ubyte": idx_images(images[5:]),
+            "t10k-labels-idx1-ubyte": idx_labels([1, 3, 5])}
+
+
+def write_published_kmnist(folder, files=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in (files or tiny_kmnist()).items():
+        (folder / f"{name}.gz").write_bytes(published_gz(data))
+    return folder
+
+
+def test_the_three_datasets_and_their_names():
+    assert datasets.DATASETS == ("mnist", "fashion-mnist", "kmnist")
+    assert datasets.FILES == NAMES
+    assert all(len(datasets.CLASSES[name]) == 10 for name in datasets.DATASETS)
+    assert datasets.CLASSES["fashion-mnist"][9] == "Ankle boot"
+    with pytest.raises(ValueError, match="name must be one of mnist, fashion-mnist, kmnist, got 'cifar10'"):
+        datasets.load_dataset("cifar10")
+    with pytest.raises(ValueError, match="name must be one of"):
+        datasets.resolve_root(dataset="MNIST")
+
+
+def test_fashion_mnist_is_verified_by_the_sha256_of_its_content(tmp_path, tiny_tables):
+    write_mnist(tmp_path, tiny_fashion(), gz=False)
+    x_train, y_train, x_test, y_test = datasets.load_dataset("fashion-mnist", tmp_path, download=False)
+    assert y_train.tolist() == [9, 0, 0, 3, 0] and y_test.tolist() == [9, 2, 1]
+    files = tiny_fashion()
+    files["t10k-labels-idx1-ubyte"] = idx_labels([9, 2, 2])  # one label changed
+    write_mnist(tmp_path, files, gz=False)
+    with pytest.raises(DatasetError, match=r"t10k-labels-idx1-ubyte: the SHA-256 of the decompressed "
+                                           r"data is [0-9a-f]{64}, expected [0-9a-f]{64}; the file is "
+                                           r"damaged or not the published Fashion-MNIST "):
+        datasets.load_dataset("fashion-mnist", tmp_path, download=False)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("asked,held,files", [
+    ("fashion-mnist", "MNIST", tiny_mnist), ("mnist", "Fashion-MNIST", tiny_fashion),
+    ("kmnist", "MNIST", tiny_mnist), ("kmnist", "Fashion-MNIST", tiny_fashion)])
+def test_a_folder_of_another_dataset_is_named_as_such(tmp_path, tiny_tables, verify, asked, held,
+                                                      files):
+    """Even unverified: a known checksum of another dataset is a silent wrong answer averted."""
+    write_mnist(tmp_path, files())
+    with pytest.raises(DatasetError) as info:
+        datasets.load_dataset(asked, tmp_path, download=False, verify=verify)
+    message = str(info.value)
+    title = datasets.TITLES[asked]
+    assert message.startswith(f"{tmp_path / 'train-images-idx3-ubyte.gz'}: this is {held}'s "
+                              f"train-images-idx3-ubyte (its checksum is the published one), not "
+                              f"{title}'s: the folder holds {held}; ask for --dataset ")
+    assert f"at the {title} files (or at a folder with a {asked}/ subfolder)." in message
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_published_kmnist_files_are_recognised_by_their_md5(tmp_path, tiny_tables, verify):
+    write_published_kmnist(tmp_path)
+    for asked in ("mnist", "fashion-mnist"):
+        with pytest.raises(DatasetError, match=r"this is KMNIST's train-images-idx3-ubyte .*the "
+                                               "folder holds KMNIST; ask for --dataset kmnist"):
+            datasets.load_dataset(asked, tmp_path, download=False, verify=verify)
+
+
+def test_kmnist_loads_when_each_gz_is_the_published_one(tmp_path, tiny_tables):
+    write_published_kmnist(tmp_path)
+    x_train, y_train, x_test, y_test = datasets.load_dataset("kmnist", tmp_path, download=False)
+    assert y_train.tolist() == [8, 6, 4, 2, 0] and y_test.tolist() == [1, 3, 5]
+    np.testing.assert_array_equal(x_test, np.frombuffer(tiny_kmnist()["t10k-images-idx3-ubyte"][16:],
+                                                        np.uint8).reshape(3, 28, 28))
+
+
+@pytest.mark.parametrize("how", ["recompressed", "raw", "damaged"])
+def test_kmnist_that_cannot_be_verified_is_refused_saying_so(tmp_path, tiny_tables, how):
+    write_published_kmnist(tmp_path)
+    name = "train-labels-idx1-ubyte"
+    data = tiny_kmnist()[name]
+    path = tmp_path / f"{name}.gz"
+    if how == "recompressed":  # the same content, gzipped otherwise: still cannot be verified
+        path.write_bytes(gzip.compress(data, compresslevel=1, mtime=12345))
+    elif how == "raw":
+        path.unlink()
+        path = tmp_path / name
+        path.write_bytes(data)
+    else:
+        path.write_bytes(published_gz(idx_labels([8, 6, 4, 2, 1])))
+    with pytest.raises(DatasetError) as info:
+        datasets.load_dataset("kmnist", tmp_path, download=False)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ")
+    if how == "raw":
+        assert "this raw (not gzipped) file cannot be verified as KMNIST's train-labels-idx1-ubyte" in message
+    else:
+        assert f"the MD5 of this .gz file is {hashlib.md5(path.read_bytes()).hexdigest()}, but the " \
+               f"published KMNIST train-labels-idx1-ubyte.gz has {datasets.KMNIST_GZ_MD5[name]}: " \
+               "the file is damaged, recompressed or not KMNIST" in message
+    assert "KMNIST is verified by the published MD5 of its .gz files alone (no checksum of its " \
+           "decompressed data is known to gpunet), so a raw or recompressed copy cannot be verified" in message
+    assert message.endswith("or, trusting the copy, load it unverified with verify=False "
+                            "(train.py: --no-verify-data).")
+    # Asked for, the unverified load goes ahead (and still parses strictly).
+    _, y_train, _, _ = datasets.load_dataset("kmnist", tmp_path, download=False, verify=False)
+    assert y_train.tolist() == ([8, 6, 4, 2, 1] if how == "damaged" else [8, 6, 4, 2, 0])
+
+
+def test_kmnist_downloads_are_verified_by_md5(tmp_path, monkeypatch, tiny_tables):
+    def published(name):
+        return published_gz(tiny_kmnist()[name])
+
+    def recompressed(name):
+        return gzip.compress(tiny_kmnist()[name], compresslevel=1, mtime=1)
+
+    mirrors = {"https://recompressed.example/": recompressed, "https://good.example/": published}
+    fake = FakeMirrors(mirrors)
+    monkeypatch.setattr(datasets, "KMNIST_MIRRORS", tuple(mirrors))
+    monkeypatch.setattr(datasets, "_urlopen", fake)
+    folder = tmp_path / "kmnist"
+    folder.mkdir()
+    _, y_train, _, _ = datasets.load_dataset("kmnist", folder)
+    assert y_train.tolist() == [8, 6, 4, 2, 0] and len(fake.urls) == 8
+    for name in NAMES:
+        assert (folder / f"{name}.gz").read_bytes() == published(name)
+
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    monkeypatch.setattr(datasets, "KMNIST_MIRRORS", ("https://recompressed.example/",))
+    with pytest.raises(DatasetError, match=r"could not download train-images-idx3-ubyte.gz into .*, "
+                                           r"where the KMNIST files were looked for: https://"
+                                           r"recompressed.example/train-images-idx3-ubyte.gz: the MD5 "
+                                           r"of this .gz file is [0-9a-f]{32}, but the published"):
+        datasets.load_dataset("kmnist", only_bad)
+    assert list(only_bad.iterdir()) == []
+
+
+def test_each_dataset_downloads_from_its_own_mirrors(tmp_path, monkeypatch):
+    fake = FakeMirrors({})
+    monkeypatch.setattr(datasets, "_urlopen", fake)
+    fake.behaviours = {m: urllib.error.URLError("offline") for m in
+                       (*datasets.MIRRORS, *datasets.FASHION_MNIST_MIRRORS, *datasets.KMNIST_MIRRORS)}
+    for name, mirror in [("fashion-mnist", "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"),
+                         ("kmnist", "http://codh.rois.ac.jp/kmnist/dataset/kmnist/")]:
+        fake.urls.clear()
+        with pytest.raises(DatasetError, match=f"where the {datasets.TITLES[name]} files were looked for"):
+            datasets.load_dataset(name, tmp_path)
+        assert fake.urls == [f"{mirror}train-images-idx3-ubyte.gz"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- The folder rule: a folder holds one dataset, or a subfolder for each ----------------------
+
+
+def test_a_subfolder_named_after_the_dataset_is_used(tmp_path, monkeypatch, tiny_tables):
+    collection = tmp_path / "data"
+    write_mnist(collection / "mnist", tiny_mnist())
+    write_mnist(collection / "fashion-mnist", tiny_fashion())
+    assert datasets.resolve_root(collection) == collection / "mnist"
+    assert datasets.resolve_root(collection, dataset="fashion-mnist") == collection / "fashion-mnist"
+    # A collection gives a dataset it lacks a subfolder of its own too, never its top level.
+    assert datasets.resolve_root(collection, dataset="kmnist") == collection / "kmnist"
+    assert datasets.resolve_root(collection / "mnist", dataset="fashion-mnist") == collection / "mnist"
+    check_tiny(datasets.load_dataset("mnist", collection, download=False))
+    assert datasets.load_dataset("fashion-mnist", collection, download=False)[1].tolist() == [9, 0, 0, 3, 0]
+    monkeypatch.setenv("GPUNET_DATA", str(collection))
+    assert datasets.resolve_root(dataset="fashion-mnist") == collection / "fashion-mnist"
+    check_tiny(load_mnist(download=False))
+    assert datasets.dataset_available("fashion-mnist") and not datasets.dataset_available("kmnist")
+    assert set(datasets.dataset_files("mnist")) == set(NAMES)
+    assert datasets.mnist_files() == datasets.dataset_files("mnist", collection)
+    with pytest.raises(DatasetError, match=f"KMNIST not found in {collection / 'kmnist'} \\(which "
+                                           "does not exist\\)"):
+        datasets.load_dataset("kmnist", download=False)
+    assert not (collection / "kmnist").exists()
+
+
+def test_a_collection_downloads_into_the_datasets_subfolder(tmp_path, monkeypatch, tiny_tables):
+    collection = tmp_path / "data"
+    write_mnist(collection / "mnist", tiny_mnist())
+    monkeypatch.setattr(datasets, "KMNIST_MIRRORS", ("https://good.example/",))
+    monkeypatch.setattr(datasets, "_urlopen", FakeMirrors(
+        {"https://good.example/": lambda name: published_gz(tiny_kmnist()[name])}))
+    datasets.load_dataset("kmnist", collection)
+    assert sorted(p.name for p in (collection / "kmnist").iterdir()) == sorted(f"{n}.gz" for n in NAMES)
+    assert sorted(p.name for p in collection.iterdir()) == ["kmnist", "mnist"]
+
+
+def test_the_default_folders(tmp_path, monkeypatch):
+    """MNIST keeps data/ (its home before there were others) unless data/mnist/ exists; every
+    other dataset lives in data/<name>/."""
+    monkeypatch.delenv("GPUNET_DATA", raising=False)
+    monkeypatch.setattr(datasets, "DEFAULT_ROOT", tmp_path)
+    assert datasets.resolve_root() == tmp_path
+    assert datasets.resolve_root(dataset="fashion-mnist") == tmp_path / "fashion-mnist"
+    assert datasets.resolve_root(dataset="kmnist") == tmp_path / "kmnist"
+    (tmp_path / "fashion-mnist").mkdir()
+    assert datasets.resolve_root() == tmp_path  # MNIST's files in data/ stay where they were
+    (tmp_path / "mnist").mkdir()
+    assert datasets.resolve_root() == tmp_path / "mnist"
+
+
+def test_a_named_folder_for_another_dataset_is_not_created(tmp_path, monkeypatch):
+    asked = []
+    monkeypatch.setattr(datasets, "_urlopen", lambda *a, **k: asked.append(a))
+    with pytest.raises(DatasetError, match=r"the data folder .*typo \(given explicitly\) does not "
+                                           r"exist, so nothing was created or downloaded; point at a "
+                                           r"folder holding the Fashion-MNIST files"):
+        datasets.load_dataset("fashion-mnist", tmp_path / "typo")
+    assert asked == [] and list(tmp_path.iterdir()) == []
+
+
+# --- The real Fashion-MNIST ------------------------------------------------------------------
+
+
+def test_real_fashion_mnist(fashion_dir):
+    x_train, y_train, x_test, y_test = datasets.load_dataset("fashion-mnist", fashion_dir,
+                                                             download=False)
+    assert (x_train.shape, y_train.shape, x_test.shape, y_test.shape) == \
+        ((60000, 28, 28), (60000,), (10000, 28, 28), (10000,))
+    assert y_train[:10].tolist() == [9, 0, 0, 3, 0, 2, 7, 2, 5, 5]
+    assert y_test[:5].tolist() == [9, 2, 1, 1, 6]
+    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_test).tolist() == [1000] * 10
+    assert int(x_train.sum(dtype=np.int64)) == 3431114169
+    assert int(x_test.sum(dtype=np.int64)) == 573469082
+    # Through the folder above it (the shared data folder holds mnist/ and fashion-mnist/).
+    if (fashion_dir.parent / "mnist").is_dir():
+        np.testing.assert_array_equal(
+            datasets.load_dataset("fashion-mnist", fashion_dir.parent, download=False)[3], y_test)
+
+
+def test_real_files_of_one_dataset_are_refused_as_another(fashion_dir, mnist_dir):
+    with pytest.raises(DatasetError, match="this is Fashion-MNIST's train-images-idx3-ubyte"):
+        load_mnist(fashion_dir, download=False)
+    for name in ("fashion-mnist", "kmnist"):
+        with pytest.raises(DatasetError, match="this is MNIST's train-images-idx3-ubyte"):
+            datasets.load_dataset(name, mnist_dir, download=False, verify=False)

@@ -130,7 +130,10 @@ def test_a_real_run_with_checkpoints_metrics_and_resume(capsys, tmp_path, mnist_
 
     code, out, err = run(capsys, "--resume", ckpt, "--hidden", "32", "--data-dir", mnist_dir)
     assert code == 1 and len(err) == 1
-    assert "'0.weight' has shape (784, 16) but the model's is (784, 32)" in err[0]
+    assert err[0] == (f"train.py: error: checkpoint {ckpt} holds --model mlp (--hidden 16, "
+                      "--activation relu) trained on --dataset mnist, and --hidden 32 was asked; a "
+                      "resumed run keeps the model and the data it was saved with: drop --hidden to "
+                      "resume it, or start a new run without --resume")
     assert np.load(ckpt)["model/0.weight"].shape == (784, 16)  # the checkpoint is intact
 
 
@@ -455,3 +458,132 @@ def test_a_pipe_closed_at_the_last_line_still_gets_the_metrics(tmp_path, mnist_d
     if proc.returncode:
         assert err == ("train.py: stdout was closed (broken pipe) after epoch 1 of 1; nothing was "
                        "saved (no --save was given)\n")
+
+
+# --- datasets and models ------------------------------------------------------------------------
+
+def image_folder(folder, n=250, n_test=50, seed=0):
+    """IDX files of 28x28 images whose class is where a bright square is, too few to be any
+    published dataset (so they load only with --no-verify-data)."""
+    import struct
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n + n_test).astype(np.uint8)
+    x = rng.integers(0, 60, (n + n_test, 28, 28)).astype(np.uint8)
+    for i, k in enumerate(y):
+        row, col = divmod(int(k), 4)
+        x[i, 2 + 9 * row:7 + 9 * row, 2 + 6 * col:7 + 6 * col] = 220
+    folder.mkdir()
+    for split, rows in (("train", slice(0, n)), ("t10k", slice(n, n + n_test))):
+        images, labels = x[rows], y[rows]
+        (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(
+            struct.pack(">IIII", 2051, len(images), 28, 28) + images.tobytes()))
+        (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(
+            struct.pack(">II", 2049, len(labels)) + labels.tobytes()))
+    return folder
+
+
+def test_mlp_settings_and_mixed_precision_with_the_cnn_are_one_line(capsys, tmp_path):
+    for argv, message in [
+        (["--hidden", "256"], "--hidden belongs to --model mlp; --model cnn is gpunet.conv.small_cnn, "
+                              "whose layers are fixed: drop --hidden"),
+        (["--hidden", "256", "--activation", "tanh"], "--hidden and --activation belong to --model "
+                                                      "mlp"),
+        (["--dtype", "float16"], "dtype float16 with model 'cnn': Conv2d computes in the dtype of "
+                                 "its parameters and has no mixed precision"),
+    ]:
+        code, out, err = run(capsys, "--device", "cpu", "--data-dir", tmp_path, "--model", "cnn", *argv)
+        assert code == 1 and len(err) == 1 and err[0].startswith("train.py: error: "), err
+        assert message in err[0] and out == ""
+    code, out, err = run(capsys, "--model", "resnet")
+    assert code == 2 and len(err) == 1 and "argument --model: invalid choice: 'resnet'" in err[0]
+
+
+def test_a_cnn_run_resumes_like_a_straight_one_and_keeps_its_model(capsys, tmp_path):
+    data = image_folder(tmp_path / "images")
+    common = ["--device", "cpu", "--model", "cnn", "--data-dir", data, "--val-size", "50",
+              "--batch-size", "50", "--no-progress", "--schedule-epochs", "2"]
+    ckpt, m1, m2, m = (tmp_path / name for name in ("c.npz", "m1.json", "m2.json", "m.json"))
+    code, out, err = run(capsys, *common[:-2], "--epochs", "1")
+    assert code == 1 and len(err) == 1 and "the published MNIST train-images-idx3-ubyte has 60000" in err[0]
+
+    code, out, err = run(capsys, *common, "--no-verify-data", "--epochs", "1", "--save", ckpt,
+                         "--metrics-json", m1)
+    assert code == 0, err
+    assert out.startswith("device cpu | dataset mnist | model cnn 1x28x28-conv32-pool-conv64-pool-"
+                          "128-10 dropout 0.25 | sgd lr 0.1")
+    first = json.loads(m1.read_text())
+    assert (first["dataset"], first["model"], first["config"]["hidden"]) == ("mnist", "cnn", None)
+
+    # The resumed run is a cnn without --model, and the permission to use unverified data is not
+    # inherited: it is given again.
+    code, out, err = run(capsys, "--resume", ckpt, "--epochs", "2", "--data-dir", data,
+                         "--no-progress", "--metrics-json", m2)
+    assert code == 1 and "the published MNIST train-images-idx3-ubyte has 60000" in err[0]
+    code, out, err = run(capsys, "--resume", ckpt, "--epochs", "2", "--data-dir", data,
+                         "--no-progress", "--no-verify-data", "--metrics-json", m2)
+    assert code == 0, err
+    code, out, err = run(capsys, *common, "--no-verify-data", "--epochs", "2", "--metrics-json", m)
+    assert code == 0, err
+    resumed, straight = json.loads(m2.read_text()), json.loads(m.read_text())
+    assert resumed["model"] == "cnn" and resumed["test_loss"] == straight["test_loss"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in straight["history"]]
+
+    before = ckpt.read_bytes()
+    for argv, message in [
+        (["--hidden", "64"], f"checkpoint {ckpt} holds --model cnn trained on --dataset mnist, which "
+                             "takes no --hidden, and --hidden 64 was asked; drop --hidden to resume it"),
+        (["--model", "mlp"], f"checkpoint {ckpt} holds --model cnn trained on --dataset mnist, and "
+                             "--model mlp was asked; a resumed run keeps the model and the data it "
+                             "was saved with: drop --model to resume it, or start a new run"),
+        (["--dataset", "fashion-mnist"], "and --dataset fashion-mnist was asked; a resumed run keeps"),
+    ]:
+        code, out, err = run(capsys, "--resume", ckpt, "--save", ckpt, "--epochs", "2",
+                             "--data-dir", data, "--no-verify-data", *argv)
+        assert code == 1 and len(err) == 1 and message in err[0], err
+        assert out == "" and ckpt.read_bytes() == before
+
+
+def test_a_model_flag_against_an_mlp_checkpoint_is_one_line(capsys, tmp_path):
+    ckpt = synthetic_checkpoint(tmp_path / "run.npz")
+    code, out, err = run(capsys, "--resume", ckpt, "--model", "cnn", "--data-dir",
+                         fake_data_folder(tmp_path))
+    assert code == 1 and err == [f"train.py: error: checkpoint {ckpt} holds --model mlp (--hidden 8, "
+                                 "--activation relu) trained on --dataset mnist, and --model cnn was "
+                                 "asked; a resumed run keeps the model and the data it was saved "
+                                 "with: drop --model to resume it, or start a new run without --resume"]
+
+
+def test_fashion_mnist_from_the_shared_data_folder(capsys, tmp_path, fashion_dir, mnist_dir):
+    metrics = tmp_path / "m.json"
+    code, out, err = run(capsys, *FAST, "--dataset", "fashion-mnist", "--data-dir", fashion_dir.parent,
+                         "--epochs", "1", "--metrics-json", metrics)
+    assert code == 0, err
+    assert out.startswith("device cpu | dataset fashion-mnist | model mlp 784-16-10 relu |")
+    result = json.loads(metrics.read_text())
+    assert result["dataset"] == "fashion-mnist" and result["config"]["data_dir"] == str(fashion_dir)
+    assert result["test_accuracy"] > 0.6
+    for argv, held in [(["--dataset", "fashion-mnist", "--data-dir", mnist_dir], "MNIST"),
+                       (["--dataset", "kmnist", "--data-dir", fashion_dir], "Fashion-MNIST"),
+                       (["--data-dir", fashion_dir, "--no-verify-data"], "Fashion-MNIST")]:
+        code, out, err = run(capsys, *FAST, "--epochs", "1", *argv)
+        assert code == 1 and len(err) == 1, err
+        assert f"train-images-idx3-ubyte.gz: this is {held}'s train-images-idx3-ubyte (its " \
+               "checksum is the published one)" in err[0]
+
+
+def test_kmnist_that_cannot_be_verified_is_one_line(capsys, tmp_path, monkeypatch):
+    from gpunet import datasets
+    data = image_folder(tmp_path / "kmnist")
+    for name in datasets.FILES:  # the published sizes, as if these were full-size files
+        with gzip.open(data / f"{name}.gz") as f:
+            monkeypatch.setitem(datasets.SIZES, name, len(f.read()))
+    code, out, err = run(capsys, *FAST, "--dataset", "kmnist", "--data-dir", data, "--epochs", "1",
+                         "--val-size", "50")
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith(f"train.py: error: {data / 'train-images-idx3-ubyte.gz'}: the MD5 of "
+                             "this .gz file is ")
+    assert "a raw or recompressed copy cannot be verified" in err[0]
+    assert err[0].endswith("load it unverified with verify=False (train.py: --no-verify-data).")
+    code, out, err = run(capsys, *FAST, "--dataset", "kmnist", "--data-dir", data, "--epochs", "1",
+                         "--val-size", "50", "--no-verify-data")
+    assert code in (0, train.FAILED_RUN) and out.startswith("device cpu | dataset kmnist |"), err

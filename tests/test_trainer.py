@@ -139,7 +139,9 @@ def test_divergence_names_epoch_and_step_and_keeps_the_checkpoint(small_mnist, t
 def test_checkpoint_errors(small_mnist, tmp_path):
     path = tmp_path / "c.npz"
     fit(quick(epochs=1, save=str(path)), small_mnist, quiet=True)
-    with pytest.raises(checkpoint.CheckpointError, match=r"'0.weight' has shape \(784, 32\) but the model's is \(784, 16\)"):
+    with pytest.raises(checkpoint.CheckpointError, match=r"c.npz holds --model mlp \(--hidden 32, "
+                                                         r"--activation relu\) trained on --dataset "
+                                                         r"mnist, and --hidden 16 was asked"):
         Trainer(quick(hidden=(16,), epochs=1, resume=str(path)), small_mnist, quiet=True)
     with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
         Trainer(quick(resume=str(tmp_path / "missing.npz")), small_mnist, quiet=True)
@@ -240,6 +242,33 @@ def test_evaluate_counts_on_the_device(small_mnist):
     logits = trainer.model.eval()(small_mnist.x_test)
     assert accuracy == float((logits.argmax(axis=1) == small_mnist.y_test).mean())
     assert loss > 0
+
+
+def test_evaluate_runs_the_model_in_eval_mode_and_restores_training_mode(monkeypatch):
+    """Dropout p=0.5 in the model: the evaluation is deterministic and equals the eval-mode
+    forward, and the model is back in training mode afterwards, also when the forward raised."""
+    from gpunet.dropout import Dropout
+    from gpunet.layers import Dense, Sequential
+    data = synthetic()
+    trainer = Trainer(quick(epochs=0), data, quiet=True)
+    rng = np.random.default_rng(0)
+    trainer.model = model = Sequential(Dense(784, 64, activation="relu", rng=rng), Dropout(0.5, rng=rng),
+                                       Dense(64, 10, rng=rng))
+    first, second = (trainer.evaluate(data.x_test, data.y_test) for _ in range(2))
+    assert first == second
+    logits = model.eval().forward(data.x_test)
+    model.train()
+    assert first[1] == float((logits.argmax(axis=1) == data.y_test).mean())
+    assert model.training and all(layer.training for layer in model)
+    assert not np.array_equal(model.forward(data.x_test), logits)  # training mode: dropout is on
+
+    def broken(x, **kwargs):
+        raise MemoryError("out of memory in the evaluation")
+
+    monkeypatch.setattr(model[2], "forward", broken)
+    with pytest.raises(MemoryError):
+        trainer.evaluate(data.x_test, data.y_test)
+    assert model.training and all(layer.training for layer in model)
 
 
 def synthetic(n=300, n_test=100, seed=0):
@@ -426,3 +455,158 @@ def test_the_failed_run_rule_at_its_edges():
     assert verdict(0.9, 1.0) is None
     trainer.initial_loss = None  # a resumed old checkpoint: ln 10 stands in for the start
     assert verdict(0.9, 4.0) is None and verdict(0.9, 4.7) is not None
+
+
+# --- the CNN, and what a checkpoint says about its model and data ------------------------------
+
+def images(n=250, n_test=50, seed=0):
+    """28x28 images (flattened, as the trainer keeps them) whose class is where a bright square
+    is: noise to an MLP of this size, a few steps' work for a CNN."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 10, n + n_test)
+    x = rng.standard_normal((n + n_test, 28, 28)).astype(np.float32) * 0.5
+    for i, k in enumerate(y):
+        row, col = divmod(int(k), 4)
+        x[i, 2 + 9 * row:7 + 9 * row, 2 + 6 * col:7 + 6 * col] += 2.0
+    x = x.reshape(len(x), 784)
+    return DeviceData(x[:n - 50], y[:n - 50], x[n - 50:n], y[n - 50:n], x[n:], y[n:])
+
+
+def cnn(**overrides):
+    return quick(**{"model": "cnn", "hidden": None, "batch_size": 64, **overrides})
+
+
+def test_a_small_cnn_trains_on_images_of_the_batch_buffer(capsys):
+    from gpunet.conv import Conv2d
+    trainer = Trainer(cnn(epochs=2), images())
+    metrics = trainer.fit()
+    assert isinstance(trainer.model[0], Conv2d) and trainer._x_batch.shape == (64, 784)
+    assert metrics["test_accuracy"] > 0.5 and metrics["history"][1]["val_accuracy"] > 0.5
+    assert (metrics["dataset"], metrics["model"]) == ("mnist", "cnn")
+    assert metrics["config"]["model"] == "cnn" and metrics["config"]["hidden"] is None
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("device cpu | dataset mnist | model cnn 1x28x28-conv32-pool-conv64-"
+                            "pool-128-10 dropout 0.25 | sgd lr 0.05 | 200 train, 50 val images")
+    # The CNN's input is a view of the flattened batch buffer, not a copy.
+    view = trainer._model_input(trainer._x_batch)
+    assert view.shape == (64, 1, 28, 28) and np.shares_memory(view, trainer._x_batch)
+
+
+def test_the_mlp_says_its_dataset_and_layers(capsys):
+    metrics = fit(quick(epochs=0, dataset="kmnist"), synthetic())
+    assert capsys.readouterr().out.startswith("device cpu | dataset kmnist | model mlp 784-32-10 relu |")
+    assert (metrics["dataset"], metrics["model"], metrics["architecture"]) == \
+        ("kmnist", "mlp", "mlp 784-32-10 relu")
+
+
+def test_a_resumed_cnn_equals_the_straight_run(tmp_path):
+    """Dropout draws a mask each step: the checkpoint keeps the generator it draws from."""
+    data = images()
+    straight = Trainer(cnn(epochs=3), data, quiet=True)
+    straight_metrics = straight.fit()
+    path = tmp_path / "cnn.npz"
+    CrashingTrainer.crash_at = 3
+    with pytest.raises(KeyboardInterrupt):
+        CrashingTrainer(cnn(epochs=3, save=str(path)), data, quiet=True).fit()
+    meta = checkpoint.load(path, meta_only=True)["meta"]
+    assert meta["config"]["model"] == "cnn" and meta["dropout_counters"] == [0]
+    assert meta["model_rng"]["bit_generator"] == "PCG64"
+    resumed = Trainer(cnn(epochs=3, resume=str(path)), data, quiet=True)
+    assert resumed.epoch == 2
+    resumed_metrics = resumed.fit()
+    for a, b in zip(parameters(straight), parameters(resumed)):
+        np.testing.assert_array_equal(a, b)
+    assert resumed_metrics["test_loss"] == straight_metrics["test_loss"]
+    assert [h["train_loss"] for h in resumed_metrics["history"]] == \
+        [h["train_loss"] for h in straight_metrics["history"]]
+
+
+def test_the_cnn_refuses_what_it_cannot_be():
+    for kwargs, message in [
+        (dict(hidden=(256,)), r"hidden and activation are settings of model 'mlp'; model 'cnn' "
+                              r"\(gpunet.conv.small_cnn\) has fixed layers, got hidden=\(256,\)"),
+        (dict(activation="tanh"), "has fixed layers, got activation='tanh'"),
+        (dict(dtype="float16"), "dtype float16 with model 'cnn': Conv2d computes in the dtype of "
+                                "its parameters and has no mixed precision"),
+        (dict(dtype="bfloat16"), "the run would not be bfloat16; give dtype float32 or float64"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            cnn(**kwargs)
+    for kwargs, message in [(dict(model="resnet"), "model must be one of mlp, cnn, got 'resnet'"),
+                            (dict(dataset="cifar10"), "dataset must be one of mnist, fashion-mnist, "
+                                                      "kmnist, got 'cifar10'"),
+                            (dict(verify_data="no"), "verify_data must be True or False")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**kwargs)
+    assert TrainConfig().hidden == (512,) and TrainConfig().activation == "relu"
+    assert cnn().hidden is None and cnn(dtype="float64").dtype == "float64"
+    with pytest.raises(ValueError, match=r"--model cnn takes 28x28 images \(784 values each\), but "
+                                         r"data.x_train has 12 values per image"):
+        x = np.zeros((20, 12), np.float32)
+        y = np.zeros(20, np.int64)
+        Trainer(cnn(), DeviceData(x, y, x, y, x, y), quiet=True)
+
+
+def test_a_cnn_past_memory_is_refused_with_what_it_needs(monkeypatch):
+    """About 1 MB an image of a training batch and half that of an evaluation batch (the
+    second convolution's im2col matrix alone is 14 x 14 x 288 values an image)."""
+    params, per_image = trainer_module._cnn_sizes(4)[:2]
+    assert params == 421_642 and 10 ** 6 < per_image < 1.1 * 10 ** 6
+    monkeypatch.setattr(trainer_module, "_available_memory", lambda: 64 * 2 ** 20)
+    with pytest.raises(ValueError) as info:
+        Trainer(cnn(batch_size=1000), images(), quiet=True)
+    message = str(info.value)
+    assert message.startswith("--model cnn with --batch-size 1000 needs about 2")
+    assert "(model 1x28x28-conv32-pool-conv64-pool-128-10 dropout 0.25: 421,642 parameters" in message
+    assert "for a batch of 200 and an evaluation batch of 50)" in message
+    assert message.endswith("more than the 64 MiB this machine has available; give a smaller "
+                            "--batch-size")
+    Trainer(cnn(batch_size=16), images(), quiet=True)  # a small batch fits
+
+
+@pytest.mark.parametrize("saved,asked,message", [
+    (quick, dict(model="cnn", hidden=None), "holds --model mlp (--hidden 32, --activation relu) "
+                                            "trained on --dataset mnist, and --model cnn was asked"),
+    (quick, dict(dataset="fashion-mnist"), "and --dataset fashion-mnist was asked"),
+    (quick, dict(activation="sigmoid"), "and --activation sigmoid was asked"),
+    (cnn, dict(), "holds --model cnn trained on --dataset mnist, and --model mlp was asked"),
+])
+def test_a_checkpoint_resumes_only_the_model_and_data_it_holds(tmp_path, saved, asked, message):
+    """The checks come before the weights are loaded: relu and sigmoid MLPs, say, have the
+    same shapes, and a cnn and an mlp nothing in common to name."""
+    path = tmp_path / "c.npz"
+    data = images()
+    fit(saved(epochs=1, save=str(path)), data, quiet=True)
+    before = path.read_bytes()
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        Trainer(quick(epochs=2, schedule_epochs=2, resume=str(path), save=str(path), **asked), data,
+                quiet=True)
+    assert str(info.value).startswith(f"checkpoint {path} ") and message in str(info.value)
+    assert path.read_bytes() == before
+
+
+def test_a_checkpoint_from_before_datasets_and_models_resumes_as_an_mlp_on_mnist(tmp_path):
+    data, path = synthetic(), tmp_path / "old.npz"
+    fit(quick(epochs=1, schedule_epochs=2, save=str(path)), data, quiet=True)
+    with np.load(path) as f:
+        arrays = {k: f[k] for k in f.files}
+    meta = json.loads(str(arrays["meta"]))
+    for key in ("dataset", "model", "verify_data"):
+        del meta["config"][key]
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    resumed = Trainer(quick(epochs=2, schedule_epochs=2, resume=str(path)), data, quiet=True)
+    assert resumed.epoch == 1 and resumed.config.model == "mlp"
+    with pytest.raises(checkpoint.CheckpointError, match="and --dataset kmnist was asked"):
+        Trainer(quick(epochs=2, schedule_epochs=2, dataset="kmnist", resume=str(path)), data,
+                quiet=True)
+
+
+@pytest.mark.cuda
+def test_the_cnn_on_a_gpu_runs_eagerly_and_says_so(capsys):
+    trainer = Trainer(cnn(device="cuda", epochs=1), images())
+    assert trainer.graph is None
+    metrics = trainer.fit()
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("note: --model cnn runs its kernels eagerly on the GPU, not as a CUDA graph")
+    assert metrics["test_accuracy"] > 0.3
