@@ -21,7 +21,7 @@
  * (one BLAS thread each), and col2im's scatter never crosses from one image into another. */
 
 /* Rows [r0, r0 + rows) of the im2col matrix of x (g->n, g->h, g->w, g->c) into cols. */
-static void NAME(im2col)(const T* restrict x, T* restrict cols, const ConvGeometry* g,
+static INLINE void NAME(im2col)(const T* restrict x, T* restrict cols, const ConvGeometry* g,
                          Py_ssize_t r0, Py_ssize_t rows) {
     const Py_ssize_t c = g->c, kc = g->kw * c, k = g->kh * kc, pixels = g->oh * g->ow;
     for (Py_ssize_t r = 0; r < rows; ++r) {
@@ -55,7 +55,7 @@ static void NAME(im2col)(const T* restrict x, T* restrict cols, const ConvGeomet
 
 /* col2im of rows [r0, r0 + rows): each column of dcols is added back onto the pixel it was
  * read from (padding positions are dropped). dx must hold the sums of the earlier rows. */
-static void NAME(col2im)(const T* restrict dcols, T* restrict dx, const ConvGeometry* g,
+static INLINE void NAME(col2im)(const T* restrict dcols, T* restrict dx, const ConvGeometry* g,
                          Py_ssize_t r0, Py_ssize_t rows) {
     const Py_ssize_t c = g->c, kc = g->kw * c, k = g->kh * kc, pixels = g->oh * g->ow;
     for (Py_ssize_t r = 0; r < rows; ++r) {
@@ -85,7 +85,7 @@ static void NAME(col2im)(const T* restrict dcols, T* restrict dx, const ConvGeom
  * kh*kw - 1) of each first maximum into index (NULL: none). As numpy's maximum, a NaN in a
  * window gives NaN; the index moves only on a strictly greater value, so ties and NaN keep the
  * earlier offset, as conv.py's NumPy path does. */
-static void NAME(max_pool_forward)(const T* restrict x, T* restrict y, uint8_t* restrict index,
+VECTOR_CLONES static void NAME(max_pool_forward)(const T* restrict x, T* restrict y, uint8_t* restrict index,
                                    const ConvGeometry* g, Py_ssize_t img0, Py_ssize_t img1) {
     const Py_ssize_t c = g->c;
     for (Py_ssize_t img = img0; img < img1; ++img)
@@ -113,7 +113,7 @@ static void NAME(max_pool_forward)(const T* restrict x, T* restrict y, uint8_t* 
 
 /* dx (N, H, W, C) = zeros, plus dy * (index == t) at each window's offset t: as conv.py's NumPy
  * path, which multiplies, so a NaN or inf in dy reaches every pixel of its window. */
-static void NAME(max_pool_backward)(const T* restrict dy, const uint8_t* restrict index,
+VECTOR_CLONES static void NAME(max_pool_backward)(const T* restrict dy, const uint8_t* restrict index,
                                     T* restrict dx, const ConvGeometry* g, Py_ssize_t img0,
                                     Py_ssize_t img1) {
     const Py_ssize_t c = g->c, image = g->h * g->w * c;
@@ -138,7 +138,7 @@ static void NAME(max_pool_backward)(const T* restrict dy, const uint8_t* restric
 }
 
 /* Whether cols is x itself: a 1x1 kernel, stride 1, no padding. */
-static int NAME(conv_is_pointwise)(const ConvGeometry* g) {
+static INLINE int NAME(conv_is_pointwise)(const ConvGeometry* g) {
     return g->kh == 1 && g->kw == 1 && g->sh == 1 && g->sw == 1 && g->ph == 0 && g->pw == 0;
 }
 
@@ -150,7 +150,7 @@ static int NAME(conv_is_pointwise)(const ConvGeometry* g) {
  * written: each tile's rows go to `buf`'s last tile x O values, and are pooled from there into
  * pooled (N, QH, QW, O) and index (its offsets, NULL: none), as max_pool_forward does. Tiles are
  * then whole images (the caller's tile is a multiple of OH x OW). */
-static void NAME(conv_forward)(const T* restrict x, const T* restrict w, const T* restrict b,
+VECTOR_CLONES static void NAME(conv_forward)(const T* restrict x, const T* restrict w, const T* restrict b,
                                T* restrict y, T* restrict buf, const ConvGeometry* g,
                                Py_ssize_t tile, int relu, Py_ssize_t img0, Py_ssize_t img1,
                                T* restrict pooled, uint8_t* restrict index) {
@@ -187,7 +187,7 @@ static void NAME(conv_forward)(const T* restrict x, const T* restrict w, const T
 
 /* dz (images, OH, OW, O) of `images` images from the gradient dy of their pooled output (see
  * conv_backward): dy at each window's maximum where pooled > 0, else 0. */
-static void NAME(unpool)(const T* restrict dy, const T* restrict pooled,
+static INLINE void NAME(unpool)(const T* restrict dy, const T* restrict pooled,
                          const uint8_t* restrict index, T* restrict dz, const ConvGeometry* g,
                          Py_ssize_t images) {
     const Py_ssize_t o = g->o, pk = g->pool;
@@ -224,7 +224,7 @@ static void NAME(unpool)(const T* restrict dy, const T* restrict pooled,
  * is MaxPool2d's then the ReLU's backward for any finite dy. (Unfused, a NaN or inf in dy also
  * reaches the window's other pixels that are > 0, through MaxPool2d's dy * (index == t); here
  * it stays at the maximum, as in PyTorch.) */
-static void NAME(conv_backward)(const T* restrict x, const T* restrict w, const T* restrict dy,
+VECTOR_CLONES static void NAME(conv_backward)(const T* restrict x, const T* restrict w, const T* restrict dy,
                                 const T* restrict y, T* restrict dw, T* restrict sums,
                                 T* restrict dx, T* restrict buf, T* restrict dzbuf,
                                 const ConvGeometry* g, Py_ssize_t tile, Py_ssize_t img0,

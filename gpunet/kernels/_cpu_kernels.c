@@ -116,6 +116,18 @@ static dgemm_fn dgemm_ptr;
 
 enum { ROW_MAJOR = 101, NO_TRANS = 111, TRANS = 112 };
 
+/* The conv and pooling loops are memory-bound passes over tiles in cache, which the baseline
+ * x86-64 target (SSE2) runs 4 floats at a time: their entry points are compiled for AVX-512 and
+ * AVX2 as well, and the loader picks what the CPU has (GCC's target_clones, through an ifunc).
+ * Their helpers are inlined into each. -ffp-contract=off (setup.py) keeps a * b + c two
+ * roundings in every clone, as in NumPy. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define VECTOR_CLONES
+#endif
+#define INLINE inline __attribute__((always_inline))
+
 /* The geometry of a convolution or pooling over NHWC images (see _cpu_conv.h). */
 typedef struct {
     Py_ssize_t n, h, w, c, o, kh, kw, sh, sw, ph, pw, oh, ow;
