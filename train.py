@@ -15,8 +15,8 @@ import sys
 import time
 
 from gpunet.datasets import DATASETS
-from gpunet.trainer import (DEFAULT_LR, DTYPES, MLP_ACTIVATION, MLP_HIDDEN, MODELS, OPTIMIZERS,
-                            SCHEDULES, TrainConfig)
+from gpunet.trainer import (DEFAULT_EPOCHS, DEFAULT_LR, DTYPES, MLP_ACTIVATION, MLP_HIDDEN,
+                            MODELS, OPTIMIZERS, SCHEDULES, TrainConfig)
 
 # Exit statuses besides 0 (success), 1 (an error, one line on stderr) and 2 (a bad flag):
 FAILED_RUN = 3        # the run finished, but its last epoch looks failed (see the warning)
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--model", choices=MODELS, help="mlp: Dense layers of the --hidden widths; cnn: "
                                         "gpunet.conv.small_cnn (conv 32, conv 64, dense 128, "
                                         f"dropout 0.25) (default {d['model']})")
-    add("--epochs", type=non_negative_int, help=f"total epochs (default {d['epochs']})")
+    add("--epochs", type=non_negative_int,
+        help="total epochs (default " + ", ".join(f"{n} for {m}" for m, n in DEFAULT_EPOCHS.items())
+             + ")")
     add("--batch-size", type=positive_int,
         help=f"(default {d['batch_size']}; per rank with --distributed, as in PyTorch DDP)")
     rates = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())

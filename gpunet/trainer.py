@@ -40,6 +40,10 @@ NUM_CLASSES = 10
 MODELS = ("mlp", "cnn")
 MLP_HIDDEN, MLP_ACTIVATION = (512,), "relu"
 CNN_CHANNELS, CNN_HIDDEN, CNN_DROPOUT = (32, 64), 128, 0.25
+# Epochs of a run that does not say: chosen on MNIST's validation split. The cnn at 6 epochs,
+# at 9, and at 8 with weight decay 5e-4 reached 99.44%, 99.44% (val loss 0.1140 against
+# 0.1170) and 99.38%; 9 epochs train in about 175 s on a 2-core CPU.
+DEFAULT_EPOCHS = {"mlp": 6, "cnn": 9}
 # The settings a checkpoint's model was built from, and learnt on: a resumed run keeps them.
 ARCHITECTURE = ("dataset", "model", "hidden", "activation")
 
@@ -53,12 +57,12 @@ class TrainConfig:
     """Everything that defines a run. The defaults reach >= 98% MNIST test accuracy.
 
     ``hidden`` and ``activation`` are settings of the mlp model (None: 512 and relu); the cnn
-    takes neither, and refuses them."""
+    takes neither, and refuses them. ``epochs`` None: the model's DEFAULT_EPOCHS."""
 
     device: str = "auto"
     dataset: str = "mnist"  # one of datasets.DATASETS
     model: str = "mlp"
-    epochs: int = 6
+    epochs: int | None = None
     batch_size: int = 128
     lr: float | None = None  # None: the optimizer's usual rate, DEFAULT_LR (as in PyTorch)
     optimizer: str = "sgd"
@@ -93,6 +97,8 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.hidden, (list, tuple)):
             self.hidden = tuple(self.hidden)
+        if self.epochs is None:
+            self.epochs = DEFAULT_EPOCHS.get(self.model, DEFAULT_EPOCHS["mlp"])
         if self.model == "mlp":
             self.hidden = MLP_HIDDEN if self.hidden is None else self.hidden
             self.activation = MLP_ACTIVATION if self.activation is None else self.activation
