@@ -79,8 +79,10 @@ def _git_state() -> dict | None:
 
 
 def thread_info() -> dict:
+    # OPENBLAS_THREAD_TIMEOUT: how long OpenBLAS's idle workers spin (gpunet sets 20 when it is
+    # imported before numpy; see gpunet/__init__.py)
     out = {"env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                  "MKL_NUM_THREADS")}}
+                                                  "MKL_NUM_THREADS", "OPENBLAS_THREAD_TIMEOUT")}}
     try:
         deps = np.show_config(mode="dicts").get("Build Dependencies", {})
         out["numpy_blas"] = deps.get("blas")
