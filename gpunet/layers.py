@@ -645,7 +645,8 @@ class Sequential(Module):
         while i < len(self.layers):
             layer = self.layers[i]
             after = self.layers[i + 1] if i + 1 < len(self.layers) else None
-            if after is not None and getattr(layer, "fuses_with", None) and layer.fuses_with(after, x):
+            fuses = getattr(layer, "fuses_with", None)
+            if after is not None and fuses is not None and fuses(after, x):
                 x = layer.forward_max_pool(x, after, copy_input=copy_input)
                 self._fused.add(i)
                 layer = after

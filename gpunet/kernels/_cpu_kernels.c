@@ -550,12 +550,20 @@ static void* run_part(void* arg) {
     int f32 = c->kind == F32;
     switch (c->op) {
     case CONV_FORWARD:
-        if (f32) conv_forward_f32(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1, c->pooled, c->index);
-        else conv_forward_f64(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0, p->img1, c->pooled, c->index);
+        if (f32)
+            conv_forward_f32(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0,
+                             p->img1, c->pooled, c->index);
+        else
+            conv_forward_f64(c->x, c->w, c->b, c->out, p->buf, c->g, c->tile, c->relu, p->img0,
+                             p->img1, c->pooled, c->index);
         break;
     case CONV_BACKWARD:
-        if (f32) conv_backward_f32(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
-        else conv_backward_f64(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf, c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
+        if (f32)
+            conv_backward_f32(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf,
+                              c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
+        else
+            conv_backward_f64(c->x, c->w, c->dy, c->y, p->dw, p->sums, c->dx, p->buf, p->dzbuf,
+                              c->g, c->tile, p->img0, p->img1, c->pooled, c->index);
         break;
     case POOL_FORWARD:
         if (f32) max_pool_forward_f32(c->x, c->out, c->index, c->g, p->img0, p->img1);
