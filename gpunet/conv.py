@@ -143,21 +143,16 @@ class Conv2d(Module):
         n, c, h, w = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         oh, ow = _output_size(self, (h, w), self.kernel_size, self.stride, self.padding)
-        nhwc = x.transpose(0, 2, 3, 1)
-        k = kh * kw * c
-        w_mat = self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels)  # (K, O)
         bias = None if self.bias is None else self.bias.data
         if cpu_kernels.conv_available(x):
-            kept = nhwc if nhwc.flags.c_contiguous else np.ascontiguousarray(nhwc)
-            if self.training and copy_input and kept is nhwc:
-                kept = nhwc.copy()  # the caller may write into x before backward
-            w_mat = np.ascontiguousarray(w_mat)
+            kept, w_mat = self._host_operands(x, copy_input)
             y = cpu_kernels.conv2d_forward(kept, w_mat, bias, self.activation == "relu",
                                            self.kernel_size, self.stride, self.padding, (oh, ow))
             self._save(x=kept, cols=None, w_mat=w_mat, y=y if self.activation else None,
                        shape=(n, c, h, w, oh, ow), fused=False)
             return y.transpose(0, 3, 1, 2)
         mode = "train" if self.training else "eval"
+        nhwc, k, w_mat = x.transpose(0, 2, 3, 1), kh * kw * c, self._weight_matrix()
         if ph or pw:  # the border stays zero from the first call on; only the inside is written
             padded = self._workspace.get("padded " + mode, xp, (n, h + 2 * ph, w + 2 * pw, c),
                                          x.dtype, x, zero=True)
@@ -193,28 +188,22 @@ class Conv2d(Module):
                                                self.stride, self.padding, (oh, ow))
             elif self.activation:
                 y = self._saved("y")
-            dw, dx = cpu_kernels.conv2d_backward(
-                kept, w_mat, dy_nhwc, y,
-                None if self.bias is None else self.bias.grad_buffer(),
-                0.0 if self.bias is None else self.bias.grad_decay, input_grad,
-                self.kernel_size, self.stride, self.padding)
+            dw, dx = cpu_kernels.conv2d_backward(kept, w_mat, dy_nhwc, y, *self._bias_grad(),
+                                                 input_grad, self.kernel_size, self.stride,
+                                                 self.padding)
             return self._finish_backward(dw, dx)
         cols = self._saved("cols")
         xp = get_array_module(cols, dy)
         # (M, O): a view when dy is in the layout this layer's forward gave, else one copy
         dy_mat = dy.transpose(0, 2, 3, 1).reshape(n * oh * ow, self.out_channels)
-        bias_grad = None if self.bias is None else self.bias.grad_buffer()
-        bias_beta = 0.0 if self.bias is None else self.bias.grad_decay
+        bias_grad, bias_beta = self._bias_grad()
         if self.activation == "relu":
             dy_mat = F.relu_backward(dy_mat, self._saved("y"), bias_grad=bias_grad, beta=bias_beta)
         elif bias_grad is not None:
             F.column_sums(dy_mat, bias_grad, beta=bias_beta)
         # (K, O) = colsᵀ @ dy rather than (O, K) = dyᵀ @ cols: with numpy's OpenBLAS the first
         # was the faster at the small CNN's second layer (16-58 ms against 44-850 ms, loaded)
-        dw = F.matmul(cols.T, dy_mat)
-        add_into(self.weight.grad_buffer(),
-                 dw.reshape(kh, kw, c, self.out_channels).transpose(3, 2, 0, 1),
-                 self.weight.grad_decay)
+        self._add_weight_grad(F.matmul(cols.T, dy_mat))
         if not input_grad:
             return None
         dcols = F.matmul(dy_mat, w_mat.T).reshape(n, oh, ow, kh, kw, c)
@@ -227,12 +216,36 @@ class Conv2d(Module):
                     dcols[:, :, :, i, j, :]
         return dpadded[:, ph:ph + h, pw:pw + w, :].transpose(0, 3, 1, 2)
 
-    def _finish_backward(self, dw, dx):
-        """Add the compiled kernels' dW (K, O) into the weight's gradient; dx back to NCHW."""
+    def _weight_matrix(self):
+        """The weight as im2col's (K, O) matrix, rows in (i, j, c) order (a copy)."""
+        k = self.kernel_size[0] * self.kernel_size[1] * self.in_channels
+        return self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels)
+
+    def _host_operands(self, x, copy_input: bool):
+        """(x in C-ordered channels-last memory, which backward reads again; the weight matrix)
+        for the compiled kernels. In training the caller's array is copied unless ``copy_input``
+        is False: the caller may write into x before backward."""
+        nhwc = x.transpose(0, 2, 3, 1)
+        kept = nhwc if nhwc.flags.c_contiguous else np.ascontiguousarray(nhwc)
+        if self.training and copy_input and kept is nhwc:
+            kept = nhwc.copy()
+        return kept, np.ascontiguousarray(self._weight_matrix())
+
+    def _bias_grad(self):
+        """(the bias gradient's buffer, its decay), or (None, 0.0) without a bias."""
+        return (None, 0.0) if self.bias is None else (self.bias.grad_buffer(),
+                                                      self.bias.grad_decay)
+
+    def _add_weight_grad(self, dw):
+        """Add dW, as a (K, O) matrix in im2col's row order, into the weight's gradient."""
         (kh, kw), c = self.kernel_size, self.in_channels
         add_into(self.weight.grad_buffer(),
                  dw.reshape(kh, kw, c, self.out_channels).transpose(3, 2, 0, 1),
                  self.weight.grad_decay)
+
+    def _finish_backward(self, dw, dx):
+        """The compiled kernels' dW (K, O) into the weight's gradient; dx back to NCHW."""
+        self._add_weight_grad(dw)
         return None if dx is None else dx.transpose(0, 3, 1, 2)
 
     # --- fused with the max pooling after it (Sequential.forward asks) ---------------------------
@@ -261,13 +274,7 @@ class Conv2d(Module):
         _check_images(self, x, self.in_channels)
         n, c, h, w = x.shape
         oh, ow = _output_size(self, (h, w), self.kernel_size, self.stride, self.padding)
-        nhwc = x.transpose(0, 2, 3, 1)
-        kept = nhwc if nhwc.flags.c_contiguous else np.ascontiguousarray(nhwc)
-        if self.training and copy_input and kept is nhwc:
-            kept = nhwc.copy()
-        k = self.kernel_size[0] * self.kernel_size[1] * c
-        w_mat = np.ascontiguousarray(
-            self.weight.data.transpose(2, 3, 1, 0).reshape(k, self.out_channels))
+        kept, w_mat = self._host_operands(x, copy_input)
         size = pool.kernel_size[0]
         pooled, index = cpu_kernels.conv2d_max_pool_forward(
             kept, w_mat, None if self.bias is None else self.bias.data, True, self.kernel_size,
@@ -289,9 +296,7 @@ class Conv2d(Module):
         get_array_module(kept, dy)
         dy_nhwc = np.ascontiguousarray(dy.transpose(0, 2, 3, 1), dtype=kept.dtype)
         dw, dx = cpu_kernels.conv2d_max_pool_backward(
-            kept, w_mat, dy_nhwc, pooled, index,
-            None if self.bias is None else self.bias.grad_buffer(),
-            0.0 if self.bias is None else self.bias.grad_decay, input_grad, self.kernel_size,
+            kept, w_mat, dy_nhwc, pooled, index, *self._bias_grad(), input_grad, self.kernel_size,
             self.stride, self.padding, pool.kernel_size[0])
         return self._finish_backward(dw, dx)
 
@@ -360,14 +365,17 @@ class MaxPool2d(_Pool2d):
     returns_new_array = True
 
     def forward(self, x):
-        views = self._windows(x)
+        _check_images(self, x)
+        out = _output_size(self, x.shape[2:], self.kernel_size, self.stride)
         nhwc = x.transpose(0, 2, 3, 1)
-        if len(views) <= 256 and cpu_kernels.conv_available(x) and nhwc.flags.c_contiguous:
-            y, index = cpu_kernels.max_pool2d_forward(nhwc, self.kernel_size, self.stride,
-                                                      views[0].shape[2:], self.training)
+        if self.kernel_size[0] * self.kernel_size[1] <= 256 and cpu_kernels.conv_available(x) \
+                and nhwc.flags.c_contiguous:
+            y, index = cpu_kernels.max_pool2d_forward(nhwc, self.kernel_size, self.stride, out,
+                                                      self.training)
             self._save(x=None, shape=tuple(x.shape), dtype=x.dtype, index=index,
                        nhwc=True)  # index: (N, OH, OW, C)
             return y.transpose(0, 3, 1, 2)
+        views = _offsets(x, self.kernel_size, self.stride, out)
         xp = get_array_module(x)
         y = views[0].copy(order="K")
         # Which offset holds each window's first maximum: only a strictly greater value moves

@@ -101,10 +101,6 @@ def benchmark_cnn(device, data, steps: int, repeats: int, say, settle: float = S
     return out
 
 
-def _sync(device):
-    device.synchronize()
-
-
 def _gpunet(key, device, batches, _):
     from .. import conv, losses, optim
     from ..backend import manual_seed
@@ -119,21 +115,17 @@ def _gpunet(key, device, batches, _):
             loss_fn(model(xb), yb)
             model.backward(loss_fn.backward(), input_grad=False)
             opt.step()
-        _sync(device)
+        device.synchronize()
 
     c = Contender(key, run)
     c.model = model
     return c
 
 
-def _torch(key, device, batches, ours):
-    torch = _import_torch()
-    if ours is None:
-        raise Unavailable("gpunet's model is needed for the initial weights")
+def torch_twin(torch, model):
+    """``gpunet.small_cnn`` ``model`` as a torch ``nn.Sequential`` (on the CPU) with its weights."""
     from torch import nn
 
-    dev = torch.device("cpu" if device.type == "cpu" else f"cuda:{device.index}")
-    model = ours.model
     ref = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
                         nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                         nn.Linear(3136, 128), nn.ReLU(), nn.Dropout(0.25), nn.Linear(128, 10))
@@ -141,10 +133,18 @@ def _torch(key, device, batches, ours):
         for mine, theirs in [(model[0], ref[0]), (model[2], ref[3]), (model[5], ref[7]),
                              (model[7], ref[10])]:
             w = to_numpy(mine.weight.data)
-            w = w if w.ndim == 4 else w.T
+            w = w if w.ndim == 4 else w.T  # Dense keeps (in, out), Linear (out, in)
             theirs.weight.copy_(torch.from_numpy(np.ascontiguousarray(w)))
             theirs.bias.copy_(torch.from_numpy(to_numpy(mine.bias.data)))
-    ref = ref.to(dev)
+    return ref
+
+
+def _torch(key, device, batches, ours):
+    torch = _import_torch()
+    if ours is None:
+        raise Unavailable("gpunet's model is needed for the initial weights")
+    dev = torch.device("cpu" if device.type == "cpu" else f"cuda:{device.index}")
+    ref = torch_twin(torch, ours.model).to(dev)
     opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=MOMENTUM)
     tb = [(torch.as_tensor(to_numpy(x)).to(dev), torch.as_tensor(to_numpy(y)).to(dev))
           for x, y in batches]
@@ -183,6 +183,6 @@ def _floor(key, device, batches, _):
                 matmul(a.T, g, out=dw)
                 if da is not None:
                     matmul(g, w.T, out=da)
-        _sync(device)
+        device.synchronize()
 
     return Contender(key, run)
