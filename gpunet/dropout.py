@@ -18,8 +18,14 @@ Where the mask comes from:
 xors on uint32/uint64 arrays), which numpy and cupy both run elementwise: the same seed and
 counter give the same mask on both devices. ``Dropout(p, counter_based=True)`` uses it on the
 CPU too (to reproduce a GPU run's masks there), at about 140 elementwise operations per draw
-(14 a round). On a GPU that is as many small kernel launches; one fused ElementwiseKernel of
-the same formula would make it one (not written yet: it needs a GPU to be tested on).
+(14 a round). On a GPU the same formula runs as one fused kernel instead
+(``kernels.cuda.dropout``: the mask and ``x * mask`` in one launch), which the tests hold equal
+to this one bit for bit.
+
+Element ``offset + i`` of the stream is the mask of element i, where ``offset`` counts the
+elements of the rows before it (``Dropout.row_offset``). Data-parallel ranks each set it to the
+first row of their shard of the global batch, so together they draw the mask that one process
+would draw for the whole global batch, not one identical mask each.
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import numbers
 
 import numpy as np
 
+from . import functional as F
 from .backend import default_rng, device_of, get_array_module, is_cuda_array, to_device
+from .kernels import cuda as cuda_kernels
 from .layers import Module, _check_grad_shape
 
 # Philox-4x32's round multipliers and Weyl key increments (Salmon et al., table 2).
@@ -60,20 +68,34 @@ def philox4x32(counter, key, rounds: int = 10):
     return c0, c1, c2, c3
 
 
-def counter_words(n: int, seed: int, counter, xp=None):
+def counter_words(n: int, seed: int, counter, xp=None, offset: int = 0):
     """n uint32 random words for step ``counter`` (a 0-d uint64 array, or an int) of stream
-    ``seed``: element i is word i % 4 of Philox(counter = (i // 4, step_lo, step_hi, 0),
-    key = seed's two 32-bit halves)."""
+    ``seed``, from element ``offset`` on: element e of the stream is word e % 4 of
+    Philox(counter = (e // 4, step_lo, step_hi, 0), key = seed's two 32-bit halves)."""
     if xp is None:
         xp = get_array_module(counter)
-    blocks = -(-n // 4)
-    if blocks > _MASK32 + 1:
-        raise ValueError(f"counter_words draws at most 2**34 words at once, asked for {n}")
+    first, stop = _stream_blocks(n, offset)
     step = xp.asarray(counter, dtype=np.uint64)
-    words = philox4x32((xp.arange(blocks, dtype=np.uint32), step & np.uint64(_MASK32),
+    words = philox4x32((xp.arange(first, stop, dtype=np.uint32), step & np.uint64(_MASK32),
                         step >> np.uint64(32), xp.zeros((), dtype=np.uint32)),
                        (seed & _MASK32, seed >> 32))
-    return xp.stack(xp.broadcast_arrays(*words), axis=-1).reshape(-1)[:n]
+    start = offset % 4
+    return xp.stack(xp.broadcast_arrays(*words), axis=-1).reshape(-1)[start:start + n]
+
+
+def _stream_blocks(n: int, offset: int) -> tuple[int, int]:
+    """The Philox blocks (four words each) that hold words offset .. offset + n - 1: a stream
+    has 2**32 blocks, since the block number is one 32-bit word of the counter."""
+    first, stop = offset // 4, -(-(offset + n) // 4)
+    if stop > _MASK32 + 1:
+        raise ValueError(f"a Philox stream has 2**34 words; asked for {n} from word {offset}")
+    return first, stop
+
+
+def keep_threshold(p: float) -> np.uint32:
+    """The least random word that keeps an element: a word >= p * 2**32 keeps it, probability
+    1 - p to within 2**-32."""
+    return np.uint32(min(int(p * 2 ** 32), _MASK32))
 
 
 class Dropout(Module):
@@ -84,6 +106,11 @@ class Dropout(Module):
     numpy arrays and with :func:`philox4x32` on the device for cupy arrays; True uses Philox on
     both (the same masks on both devices). ``seed`` (default: drawn from ``rng`` now) keys the
     Philox stream, and ``counter``, a 0-d uint64 array on the input's device, counts its draws.
+
+    ``row_offset`` (0 unless set) is the number of rows of a larger batch that come before the
+    input's first row: a counter-based mask for rows r.. of the input is then the one that
+    rows row_offset + r.. of the larger batch would get. Data-parallel training sets it to each
+    rank's first row of the global batch (see ``gpunet.trainer``).
     """
 
     def __init__(self, p: float = 0.5, *, counter_based: bool | None = None,
@@ -99,19 +126,43 @@ class Dropout(Module):
             raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
         self.p, self.counter_based, self.seed, self.rng = float(p), counter_based, int(seed), rng
         self.counter = np.zeros((), dtype=np.uint64)
+        self.row_offset = 0
+
+    @property
+    def row_offset(self) -> int:
+        return self._row_offset
+
+    @row_offset.setter
+    def row_offset(self, rows) -> None:
+        if isinstance(rows, bool) or not isinstance(rows, numbers.Integral) or rows < 0:
+            raise ValueError(f"row_offset must be an int >= 0, got {rows!r}")
+        self._row_offset = int(rows)
+
+    def _uses_counter(self, x) -> bool:
+        return bool(self.counter_based) or (self.counter_based is None and is_cuda_array(x))
+
+    def _stream_offset(self, x) -> int:
+        """The element of the Philox stream where x's mask starts."""
+        if self._row_offset and x.ndim == 0:
+            raise ValueError(f"{self!r}: row_offset {self._row_offset} needs an input with rows, "
+                             "got a 0-d array")
+        return self._row_offset * (x.size // x.shape[0]) if self._row_offset and x.size else 0
+
+    def _counter_on(self, x):
+        """The step counter, moved to x's device if it is elsewhere."""
+        if device_of(self.counter) != device_of(x):
+            self.counter = to_device(self.counter, device_of(x))
+        return self.counter
 
     def mask(self, x):
         """The scaled keep-mask for one training step (0 or 1/(1-p), in x's dtype); a draw."""
         xp = get_array_module(x)
         scale = x.dtype.type(0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p))
-        if self.counter_based or (self.counter_based is None and is_cuda_array(x)):
-            if device_of(self.counter) != device_of(x):
-                self.counter = to_device(self.counter, device_of(x))
-            words = counter_words(x.size, self.seed, self.counter, xp)
+        if self._uses_counter(x):
+            offset = self._stream_offset(x)
+            words = counter_words(x.size, self.seed, self._counter_on(x), xp, offset)
             self.counter += np.uint64(1)  # in place: on a GPU a kernel, which a graph replays
-            # keep when word >= p * 2**32, probability 1 - p to within 2**-32
-            threshold = np.uint32(min(int(self.p * 2 ** 32), _MASK32))
-            keep = (words >= threshold).reshape(x.shape)
+            keep = (words >= keep_threshold(self.p)).reshape(x.shape)
         else:
             rng = default_rng() if self.rng is None else self.rng
             keep = to_device(rng.random(x.shape, dtype=np.float32) >= self.p, device_of(x))
@@ -123,9 +174,19 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._save(mask=1)
             return x
-        m = self.mask(x)
+        if is_cuda_array(x) and self._uses_counter(x) and F.is_float_dtype(x.dtype):
+            # The same mask as mask()'s formula, drawn and applied in one fused kernel.
+            offset = self._stream_offset(x)
+            _stream_blocks(x.size, offset)
+            scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
+            y, m = cuda_kernels.dropout(x, self._counter_on(x), offset, self.seed,
+                                        keep_threshold(self.p), scale)
+            self.counter += np.uint64(1)  # after the kernel read it, in stream order
+        else:
+            m = self.mask(x)
+            y = x * m
         self._save(mask=m)
-        return x * m
+        return y
 
     def backward(self, dy, input_grad: bool = True):
         m = self._saved("mask")

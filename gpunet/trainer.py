@@ -408,6 +408,13 @@ class Trainer:
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError too)
             need = self._memory_text(in_features, batch_rows)
             raise ValueError(f"out of memory building the model: {need}") from None
+        if config.distributed:
+            # Each rank draws its rows' part of the one dropout mask of the global batch (the
+            # layers' row_offset is set step by step in _steps): counter-based on the CPU too,
+            # so that the masks, like the gradients, are those of one process at the global
+            # batch, however many ranks share it, and not one identical mask per rank.
+            for layer in self._dropout_layers():
+                layer.counter_based = True
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.shuffle_rng = np.random.default_rng(config.seed)
         self.epoch, self.history = 0, []
@@ -643,9 +650,12 @@ class Trainer:
         # averaged over ranks (an average of buffers would be scaled with them).
         folded = (self.loss_scale == 1.0 and self.comm.size == 1
                   and isinstance(self.optimizer, optim.SGD) and self.optimizer.fold_momentum())
+        dropouts = self._dropout_layers() if self.config.distributed else []
         try:
             start = 0
             for step, rows in enumerate(self.batch_sizes):
+                for layer in dropouts:  # this rank's first row in the global batch
+                    layer.row_offset = self._shards[step][0]
                 idx = order[start:start + rows]
                 start += rows
                 x, y = self._x_batch[:rows], self._y_batch[:rows]

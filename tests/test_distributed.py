@@ -206,6 +206,45 @@ def test_two_ranks_at_batch_b_train_as_one_rank_at_batch_2b(tmp_path):
             np.testing.assert_allclose(two[key + "-loss"], expected, rtol=1e-5)
 
 
+CNN = """
+    import numpy as np
+    from gpunet import distributed
+    from gpunet.trainer import DeviceData, TrainConfig, Trainer
+
+    def images(n):
+        rng = np.random.default_rng(0)
+        x = rng.uniform(0, 1, (n, 784)).astype(np.float32)
+        y = (x[:, :392].sum(axis=1) > x[:, 392:].sum(axis=1)).astype(np.int64)
+        return DeviceData(x, y, x[:20], y[:20], x[:20], y[:20])
+
+    def run(batch, ranks_comm):
+        config = TrainConfig(device="cpu", model="cnn", batch_size=batch, epochs=1, progress=False,
+                             val_size=0, lr=0.05, distributed=True)
+        trainer = Trainer(config, images(99), quiet=True, comm=ranks_comm)
+        trainer.fit()
+        return trainer
+"""
+
+
+def test_two_ranks_draw_the_dropout_masks_of_one_rank_at_the_global_batch(tmp_path):
+    """The small CNN (dropout 0.25) on 2 ranks at batch 16 and on one at batch 32: each rank
+    draws its rows' part of the global batch's mask, so the runs agree to float32 rounding,
+    also over the last global batch of 3 rows (2 on rank 0, 1 on rank 1). Ranks that drew the
+    same mask each, as they once did, end elsewhere."""
+    out = tmp_path / "two.npy"
+    run_ranks(CNN + f"""
+    trainer = run(16, distributed.init(True))
+    counters = [int(d.counter) for d in trainer._dropout_layers()]
+    assert counters == [4], counters  # 4 steps: 3 of 32 rows, one of 3
+    if trainer.comm.rank == 0:
+        np.save({str(out)!r}, trainer.optimizer.data)
+    """, timeout=120)
+    ns = {}
+    exec(textwrap.dedent(CNN), ns)
+    one = ns["run"](32, distributed.Communicator())
+    np.testing.assert_allclose(np.load(out), one.optimizer.data, rtol=1e-4, atol=1e-6)
+
+
 def test_a_resumed_two_rank_run_equals_the_straight_one(tmp_path):
     straight, part = tmp_path / "straight.npz", tmp_path / "part.npz"
     run_ranks(TRAIN + f"""

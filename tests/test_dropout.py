@@ -45,6 +45,20 @@ def test_counter_words_layout_and_streams():
     assert not np.array_equal(D.counter_words(10, 6, np.uint64(3), np), words)
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3, 4, 5, 1001])
+def test_counter_words_from_an_offset_are_the_rest_of_the_stream(offset):
+    whole = D.counter_words(offset + 23, seed=9, counter=np.uint64(4), xp=np)
+    np.testing.assert_array_equal(D.counter_words(23, 9, np.uint64(4), np, offset), whole[offset:])
+
+
+def test_counter_words_end_at_the_last_word_of_a_stream():
+    last = D.counter_words(6, 9, np.uint64(4), np, 2 ** 34 - 6)
+    block = D.philox4x32((np.uint32(2 ** 32 - 1), np.uint32(4), np.uint32(0), np.uint32(0)), (9, 0))
+    np.testing.assert_array_equal(last[2:], [int(w) for w in block])
+    with pytest.raises(ValueError, match=r"a Philox stream has 2\*\*34 words; asked for 7 from word"):
+        D.counter_words(7, 9, np.uint64(4), np, 2 ** 34 - 6)
+
+
 def test_counter_words_are_uniform():
     """A fixed draw (so a fixed outcome): mean, and each of 16 bins, within 5 sigma."""
     u = D.counter_words(200_000, seed=1, counter=np.uint64(0), xp=np) / 2.0 ** 32
@@ -81,6 +95,32 @@ def test_counter_based_mask_is_the_formula_and_advances():
     np.testing.assert_array_equal(
         d(x), np.where(D.counter_words(x.size, 123, np.uint64(1), np).reshape(x.shape) >= threshold,
                        1 / 0.75, 0.0))
+
+
+@pytest.mark.parametrize("shape,bounds", [((10, 7), (0, 3, 7, 10)), ((5, 3, 4, 2), (0, 2, 5)),
+                                          ((9,), (0, 4, 9))])
+def test_shards_with_row_offsets_draw_the_whole_batch_mask(device, on, shape, bounds):
+    """Ranks that each take rows lo:hi of a global batch and set row_offset = lo draw, between
+    them, the mask one layer draws for the whole batch: the same step, disjoint words."""
+    x = on(np.random.default_rng(3).uniform(1, 2, shape).astype(np.float32))
+    whole = to_numpy(D.Dropout(0.4, counter_based=True, seed=31)(x))
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        rank = D.Dropout(0.4, counter_based=True, seed=31)
+        rank.row_offset = lo
+        parts.append(to_numpy(rank(x[lo:hi])))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_row_offset_errors():
+    d = D.Dropout(0.5, counter_based=True)
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match=f"row_offset must be an int >= 0, got {bad!r}"):
+            d.row_offset = bad
+    d.row_offset = np.int64(3)
+    assert d.row_offset == 3 and type(d.row_offset) is int
+    with pytest.raises(ValueError, match=r"row_offset 3 needs an input with rows, got a 0-d array"):
+        d(np.float32(2.0) * np.ones((), np.float32))
 
 
 def test_eval_mode_and_the_edges_of_p(rng):
@@ -163,3 +203,59 @@ def test_the_same_mask_on_the_gpu_and_the_cpu():
     for _ in range(3):
         np.testing.assert_array_equal(to_numpy(gpu(to_device(x, "cuda"))), cpu(x))
     assert gn.backend.is_cuda_array(gpu.counter) and int(to_numpy(gpu.counter)) == 3
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16", "bfloat16"])
+def test_the_fused_gpu_kernel_is_the_formula(dtype):
+    """On a GPU the forward is one fused kernel; it gives mask() and x * mask() bit for bit
+    (mask() is the formula the kernel replaces), from a row offset and for a channels-last
+    input, and backward multiplies by the same mask."""
+    import cupy as cp
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+
+    def bits(a):
+        return np.ascontiguousarray(cp.asnumpy(a)).view(np.uint8)
+
+    rng = np.random.default_rng(2)
+    host = rng.standard_normal((6, 5, 4, 3)).astype(dtype)
+    for x in (cp.asarray(host), cp.asarray(host.transpose(0, 2, 3, 1).copy()).transpose(0, 3, 1, 2)):
+        fused = D.Dropout(0.3, seed=2 ** 63 + 5)
+        formula = D.Dropout(0.3, seed=2 ** 63 + 5)
+        fused.row_offset = formula.row_offset = 11
+        for step in range(2):
+            y = fused(x)
+            m = formula.mask(x)
+            np.testing.assert_array_equal(bits(fused._saved("mask")), bits(m))
+            np.testing.assert_array_equal(bits(y), bits(x * m))
+        dy = cp.asarray(rng.standard_normal(x.shape).astype(dtype))
+        np.testing.assert_array_equal(bits(fused.backward(dy)), bits(dy * m))
+        assert int(fused.counter) == 2 and fused.counter.dtype == np.uint64
+
+
+@pytest.mark.cuda
+def test_a_captured_dropout_replays_a_fresh_mask():
+    """The fused kernel reads the step counter on the device and the counter's increment is
+    captured too: each replay of a CUDA graph draws the next step's mask."""
+    import cupy as cp
+    x = cp.ones((64, 33), cp.float32)
+    d = D.Dropout(0.5, seed=4)
+    d(x)  # compiles the kernels and moves the counter, outside the capture
+    cp.cuda.Device().synchronize()  # that work ran on another stream
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        y = d(x)
+        graph = stream.end_capture()
+        masks = []
+        for _ in range(2):
+            graph.launch(stream=stream)
+            masks.append(cp.asnumpy(y))
+    stream.synchronize()
+    reference = D.Dropout(0.5, counter_based=True, seed=4)
+    expected = [reference.mask(np.ones((64, 33), np.float32)) for _ in range(4)]
+    # Step 0 ran eagerly; a capture runs nothing, so the replays drew steps 1 and 2.
+    np.testing.assert_array_equal(masks[0], expected[1])
+    np.testing.assert_array_equal(masks[1], expected[2])
+    assert int(d.counter) == 3

@@ -203,22 +203,31 @@ def test_a_compile_error_names_the_kernel(nvrtc):
 
 # --- every ElementwiseKernel, as CuPy generates it, for every dtype it is called with -----------------
 
-def elementwise_source(definition, dtypes: dict, ndim: int = 2) -> str:
+def elementwise_source(definition, dtypes: dict, ndim: int = 2, scalars=()) -> str:
     """The CUDA source CuPy writes for ElementwiseKernel(*definition) called with arrays of
-    ``dtypes`` (by parameter name), broadcast to ``ndim`` dimensions, as its __call__ does."""
+    ``dtypes`` (by parameter name), broadcast to ``ndim`` dimensions, as its __call__ does; the
+    inputs named in ``scalars`` are passed as NumPy scalars (by value, their type the
+    parameter's)."""
     cupy, core, _kernel, _carray, _ = _cupy_compiler()
+    from cupy._core import _scalar
     kernel = cupy.ElementwiseKernel(*definition)
     in_types, out_types, type_map = kernel._decide_params_type(
-        tuple(np.dtype(dtypes[p.name]) for p in kernel.in_params),
+        tuple(None if p.name in scalars else np.dtype(dtypes[p.name]) for p in kernel.in_params),
         tuple(np.dtype(dtypes[p.name]) for p in kernel.out_params))
-    ndarray, indexer = 1, 2  # _ArgKind's values (cupy/_core/_kernel.pxd)
-    infos = tuple(_kernel._ArgInfo(ndarray, cupy.ndarray, d, ndim, False, True)
-                  for d in in_types + out_types)
+    ndarray, indexer, scalar = 1, 2, 3  # _ArgKind's values (cupy/_core/_kernel.pxd)
+    params = kernel.in_params + kernel.out_params
+    infos = tuple(_kernel._ArgInfo(scalar, _scalar.CScalar, d, 0, True, True) if p.name in scalars
+                  else _kernel._ArgInfo(ndarray, cupy.ndarray, d, ndim, False, True)
+                  for p, d in zip(params, in_types + out_types))
     infos += (_kernel._ArgInfo(indexer, _carray.Indexer, None, ndim, True, True),)
     code = _kernel._get_elementwise_kernel_code(infos, type_map, kernel.params, kernel.operation,
                                                 kernel.name, kernel.preamble)
     # compile_with_cache prepends CuPy's headers to an ElementwiseKernel's source.
     return "".join(f"#include <{h}>\n" for h in core._cupy_header_list) + code
+
+
+# The inputs kernels.cuda.dropout passes as NumPy scalars (dropout_operands): all but x and step.
+DROPOUT_SCALARS = ("offset", "k0", "k1", "threshold", "scale")
 
 
 def elementwise_cases():
@@ -227,16 +236,21 @@ def elementwise_cases():
         name = np.dtype(dtype).name
         yield (f"cross_entropy_grad-{name}", K.CROSS_ENTROPY_GRAD,
                dict(x=dtype, m=acc, log_sum=acc, t=np.int64, alpha=acc, beta=acc, gamma=acc, smooth=acc,
-                    c=np.int64, dx=dtype))
-        yield f"bias_relu-{name}", K.BIAS_RELU, dict(b=dtype, y=dtype)
+                    c=np.int64, dx=dtype), ())
+        yield f"bias_relu-{name}", K.BIAS_RELU, dict(b=dtype, y=dtype), ()
+        yield (f"dropout-{name}", K.DROPOUT,
+               dict(x=dtype, step=np.uint64, offset=np.uint64, k0=np.uint32, k1=np.uint32,
+                    threshold=np.uint32, scale=dtype, y=dtype, mask=dtype),
+               DROPOUT_SCALARS)
 
 
 ELEMENTWISE = list(elementwise_cases())
 
 
-@pytest.mark.parametrize("definition,dtypes", [c[1:] for c in ELEMENTWISE], ids=[c[0] for c in ELEMENTWISE])
-def test_elementwise_kernel_compiles_as_cupy_compiles_it(nvrtc, definition, dtypes):
-    used = resources(nvrtc(elementwise_source(definition, dtypes), options=()))
+@pytest.mark.parametrize("definition,dtypes,scalars", [c[1:] for c in ELEMENTWISE],
+                         ids=[c[0] for c in ELEMENTWISE])
+def test_elementwise_kernel_compiles_as_cupy_compiles_it(nvrtc, definition, dtypes, scalars):
+    used = resources(nvrtc(elementwise_source(definition, dtypes, scalars=scalars), options=()))
     assert used["spill_stores"] == 0
     # CuPy launches elementwise kernels with at most 128 threads (its block_size default) per block.
     assert used["registers"] * 128 <= REGISTERS_PER_SM

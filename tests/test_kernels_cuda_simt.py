@@ -358,6 +358,36 @@ def test_count_correct(dtype, c):
     assert int(out) == 5 + np.count_nonzero(x64.argmax(axis=1) == labels)
 
 
+# --- Dropout: the Philox mask and x * mask in one ElementwiseKernel ------------------------------------
+
+# (seed, step, offset, p): 64-bit seeds and steps, offsets that are not multiples of 4, and the
+# last words of a stream (block numbers near 2**32, where e >> 2 must not wrap).
+DROPOUT_DRAWS = [(5, 0, 0, 0.25), (2 ** 64 - 1, 2 ** 40 + 3, 7, 0.5),
+                 (123 + (9 << 32), 1, 2 ** 34 - 37 * 29, 0.1), (77, 2 ** 64 - 1, 2, 1.0)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES)
+@pytest.mark.parametrize("seed,step,offset,p", DROPOUT_DRAWS)
+def test_dropout_is_the_counter_based_formula_bit_for_bit(dtype, seed, step, offset, p):
+    """The kernel's mask is Dropout's NumPy formula (counter_words) to the bit, and y its one
+    rounded product with x; 37 x 29 elements: an odd count, no multiple of 4."""
+    from gpunet import dropout as D
+    n, c = 37, 29
+    x = np.random.default_rng(8).standard_normal((n, c)).astype(dtype)
+    scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+    operands = K.dropout_operands(x, np.array(step, np.uint64), offset, seed,
+                                  D.keep_threshold(p), scale)
+    y, mask = np.empty_like(x), np.empty_like(x)
+    names = parameter_names(K.DROPOUT)
+    run_elementwise(K.DROPOUT, same_types, dtype,
+                    dict(zip(names, [np.asarray(v) for v in operands] + [y, mask])), (n, c),
+                    poison=(y, mask))
+    words = D.counter_words(x.size, seed, np.uint64(step), np, offset).reshape(x.shape)
+    expected = (words >= D.keep_threshold(p)).astype(dtype) * x.dtype.type(scale)
+    np.testing.assert_array_equal(mask.view(np.uint8), expected.view(np.uint8))
+    np.testing.assert_array_equal((x * expected).view(np.uint8), y.view(np.uint8))
+
+
 # --- the optimizers' fused updates ------------------------------------------------------------------
 
 OPTIMIZERS = {

@@ -6,6 +6,7 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     bias_relu_, relu_backward   functional.bias_relu_, functional.relu_backward
     count_correct               functional.count_correct
+    dropout                     dropout.Dropout.mask (numpy branch: dropout.counter_words)
     optimizer_update            optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
@@ -797,6 +798,57 @@ def count_correct(logits, labels, out):
 def count_correct_arguments(x, labels, out) -> tuple:
     n, c = x.shape
     return x, labels, out, np.int64(n), np.int64(c)
+
+
+# --- Dropout --------------------------------------------------------------------------------------
+
+# Element e = offset + i of a Philox-4x32-10 stream (dropout.counter_words is the NumPy twin):
+# word e % 4 of the block of counter (e / 4, step's low and high words, 0) under key (k0, k1).
+# One thread computes a whole block and keeps one word of it: four times the arithmetic of
+# sharing the block, which costs nothing here (10 rounds of two products against a load and two
+# stores), and keeps each element's mask a pure function of its index. The mask (0 or scale) is
+# written for backward, and y = x * mask, in one launch instead of the formula's ~140.
+DROPOUT = (
+    "T x, uint64 step, uint64 offset, uint32 k0, uint32 k1, uint32 threshold, T scale",
+    "T y, T mask",
+    r"""
+    const unsigned long long e = offset + (unsigned long long)i;
+    unsigned int c0 = (unsigned int)(e >> 2), c1 = (unsigned int)step,
+                 c2 = (unsigned int)(step >> 32), c3 = 0u, key0 = k0, key1 = k1;
+    for (int r = 0; r < 10; ++r) {
+        if (r) { key0 += 0x9E3779B9u; key1 += 0xBB67AE85u; }
+        const unsigned long long p0 = (unsigned long long)c0 * 0xD2511F53ull;
+        const unsigned long long p1 = (unsigned long long)c2 * 0xCD9E8D57ull;
+        c0 = (unsigned int)(p1 >> 32) ^ c1 ^ key0;  c1 = (unsigned int)p1;
+        c2 = (unsigned int)(p0 >> 32) ^ c3 ^ key1;  c3 = (unsigned int)p0;
+    }
+    const unsigned int which = (unsigned int)(e & 3),
+        word = which == 0 ? c0 : which == 1 ? c1 : which == 2 ? c2 : c3;
+    mask = word >= threshold ? scale : (T)0;
+    y = x * mask;
+    """,
+    "gpunet_dropout")
+
+
+@functools.cache
+def _dropout_kernel():
+    return cupy.ElementwiseKernel(*DROPOUT)
+
+
+def dropout(x, step, offset: int, seed: int, threshold, scale: float):
+    """(y, mask) for x on the GPU: mask = scale where the stream's word >= threshold, else 0;
+    y = x * mask. ``step`` is the draw's 0-d uint64 counter on x's device (read, not advanced)."""
+    y = cupy.empty(x.shape, x.dtype)
+    mask = cupy.empty(x.shape, x.dtype)
+    _dropout_kernel()(*dropout_operands(x, step, offset, seed, threshold, scale), y, mask)
+    return y, mask
+
+
+def dropout_operands(x, step, offset: int, seed: int, threshold, scale: float) -> tuple:
+    """DROPOUT's inputs, in order: arrays as given, numbers as NumPy scalars of their
+    parameter's type (for CuPy, and for the CPU harness in tests/simt)."""
+    return (x, step, np.uint64(offset), np.uint32(seed & 0xFFFFFFFF), np.uint32(seed >> 32),
+            np.uint32(threshold), x.dtype.type(scale))
 
 
 # --- optimizers: one kernel per step over the flat parameter buffer --------------------------------

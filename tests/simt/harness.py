@@ -218,11 +218,27 @@ def _encode(i: int, a) -> bytes:
 # them: ``const T& x = ...`` for inputs and ``T& y = ...`` for outputs.
 
 ELEMENTWISE_TYPES = {"float32": "float", "float64": "double", "float16": "float16",
-                     "bfloat16": "bfloat16", "int64": "long long"}
+                     "bfloat16": "bfloat16", "int64": "long long", "int32": "int",
+                     "uint64": "unsigned long long", "uint32": "unsigned int", "bool": "bool"}
 
 
 def _params(spec: str) -> list[tuple[str, str]]:
     return [tuple(p.split()) for p in spec.split(",")]
+
+
+def _is_concrete(type_name: str) -> bool:
+    """A parameter type that names a dtype (CuPy's ``uint32 k``) rather than a type letter
+    (``T x``, resolved from the arguments' dtypes at the call)."""
+    return type_name in ELEMENTWISE_TYPES
+
+
+def _c_type(type_name: str) -> str:
+    return ELEMENTWISE_TYPES[type_name] if _is_concrete(type_name) else type_name
+
+
+def _letters(definition) -> list[str]:
+    return list(dict.fromkeys(t for t, _ in _params(definition[0]) + _params(definition[1])
+                              if not _is_concrete(t)))
 
 
 def parameter_names(definition) -> list[str]:
@@ -232,15 +248,15 @@ def parameter_names(definition) -> list[str]:
 
 def elementwise_source(definition) -> str:
     """A __global__ template over the type letters of ``definition`` (CuPy's ElementwiseKernel
-    arguments: in_params, out_params, operation, name)."""
+    arguments: in_params, out_params, operation, name). The loop index is ``i``, as in CuPy's
+    generated loop: the element's position in C order of the (broadcast) output."""
     in_params, out_params, operation, name = definition
     ins, outs = _params(in_params), _params(out_params)
-    letters = list(dict.fromkeys(t for t, _ in ins + outs))
-    arguments = [f"{'const ' if k < len(ins) else ''}{t}* _raw_{n}, long long _{n}_r, long long _{n}_c"
-                 for k, (t, n) in enumerate(ins + outs)]
-    views = [f"const {t}& {n} = _raw_{n}[_r * _{n}_r + _c * _{n}_c];" for t, n in ins]
-    views += [f"{t}& {n} = _raw_{n}[_r * _{n}_r + _c * _{n}_c];" for t, n in outs]
-    return (f"template <{', '.join('typename ' + t for t in letters)}>\n"
+    arguments = [f"{'const ' if k < len(ins) else ''}{_c_type(t)}* _raw_{n}, long long _{n}_r, "
+                 f"long long _{n}_c" for k, (t, n) in enumerate(ins + outs)]
+    views = [f"const {_c_type(t)}& {n} = _raw_{n}[_r * _{n}_r + _c * _{n}_c];" for t, n in ins]
+    views += [f"{_c_type(t)}& {n} = _raw_{n}[_r * _{n}_r + _c * _{n}_c];" for t, n in outs]
+    return (f"template <{', '.join('typename ' + t for t in _letters(definition))}>\n"
             f"__global__ void {name}({', '.join(arguments)}, long long _rows, long long _cols) {{\n"
             "    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < _rows * _cols;\n"
             "         i += (long long)gridDim.x * blockDim.x) {\n"
@@ -252,8 +268,7 @@ def elementwise_source(definition) -> str:
 
 def elementwise_entry(definition, dtypes: dict) -> str:
     """The instantiation for ``dtypes`` (a dtype per type letter)."""
-    letters = dict.fromkeys(t for t, _ in _params(definition[0]) + _params(definition[1]))
-    return f"{definition[3]}<{', '.join(ELEMENTWISE_TYPES[np.dtype(dtypes[t]).name] for t in letters)}>"
+    return f"{definition[3]}<{', '.join(ELEMENTWISE_TYPES[np.dtype(dtypes[t]).name] for t in _letters(definition))}>"
 
 
 def elementwise_arguments(definition, operands: dict, shape: tuple[int, int]) -> tuple:
