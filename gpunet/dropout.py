@@ -36,7 +36,6 @@ import numpy as np
 
 from . import functional as F
 from .backend import default_rng, device_of, get_array_module, is_cuda_array, to_device
-from .kernels import cuda as cuda_kernels
 from .layers import Module, _check_grad_shape
 
 # Philox-4x32's round multipliers and Weyl key increments (Salmon et al., table 2).
@@ -176,6 +175,7 @@ class Dropout(Module):
             return x
         if is_cuda_array(x) and self._uses_counter(x) and F.is_float_dtype(x.dtype):
             # The same mask as mask()'s formula, drawn and applied in one fused kernel.
+            from .kernels import cuda as cuda_kernels  # imports cupy: only once a GPU is in use
             offset = self._stream_offset(x)
             _stream_blocks(x.size, offset)
             scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
