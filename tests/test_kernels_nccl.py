@@ -31,7 +31,7 @@ class FakeNccl:
                 raise TypeError(f"Argument 'commId' has incorrect type (expected bytes, got "
                                 f"{type(commId).__name__})")
             if len(commId) != ID_BYTES:
-                raise ValueError(f"commId length {len(commId)} != {ID_BYTES}.")
+                raise ValueError(f"an NCCL id has {ID_BYTES} bytes, got {len(commId)}")
             self.args = ndev, commId, rank
 
 
