@@ -153,8 +153,10 @@ def standard_cases(rng: np.random.Generator, dtype=np.float64, device="cpu"):
         return on((rng.permutation(int(np.prod(shape))).reshape(shape) * 0.1 - 1).astype(dtype))
 
     def batch_norm(module):  # a random affine part, so that its gradient is checked too
-        module.weight.data[...] = on(rng.uniform(0.5, 1.5, module.num_features).astype(dtype))
-        module.bias.data[...] = on(rng.standard_normal(module.num_features).astype(dtype))
+        # written on the host, where the module still is: layer() moves it afterwards (a numpy
+        # array cannot take a cupy one, which refuses to be converted implicitly)
+        module.weight.data[...] = rng.uniform(0.5, 1.5, module.num_features).astype(dtype)
+        module.bias.data[...] = rng.standard_normal(module.num_features).astype(dtype)
         return module
 
     def conv(*args, **kwargs):

@@ -56,6 +56,29 @@ def test_cli_warns_for_float32_and_rejects_bad_device():
     assert bad.returncode == 2 and bad.stderr.startswith("error: device must be")
 
 
+def test_standard_cases_write_no_device_array_into_a_host_module(monkeypatch):
+    """On a GPU, a numpy parameter assigned a cupy array raises TypeError (CuPy 14's
+    ndarray.__array__ refuses implicit conversion): every value written into a module must be
+    written before layer() moves it, on the host. Here what to_device returns is tagged, and
+    the parameters' arrays refuse a tagged value as cupy would."""
+    class Moved(np.ndarray):
+        pass
+
+    class Host(np.ndarray):
+        def __setitem__(self, key, value):
+            if isinstance(value, Moved):
+                raise TypeError("a moved (device) array written into a host array")
+            super().__setitem__(key, value)
+
+    real_to_device, real_init = gradcheck.to_device, L.Parameter.__init__
+    monkeypatch.setattr(gradcheck, "to_device",
+                        lambda a, device: np.asarray(real_to_device(a, device)).view(Moved))
+    monkeypatch.setattr(L.Parameter, "__init__", lambda self, data: real_init(
+        self, data.view(Host) if type(data) is np.ndarray else data))
+    cases = gradcheck.standard_cases(np.random.default_rng(0), np.float64, "cpu")
+    assert any(name.startswith("BatchNorm") for name, _, _ in cases)
+
+
 @pytest.mark.cuda
 def test_cli_on_the_gpu():
     out = subprocess.run([sys.executable, "-m", "gpunet.gradcheck", "--device", "cuda"],

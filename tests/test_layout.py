@@ -92,15 +92,40 @@ def test_only_backend_and_kernels_import_cupy(path):
     name = module_name(path)
     if any(name == m or name.startswith(m + ".") for m in CUDA_MODULES):
         return
-    found = {t for t in imports(path) if t == "cupy" or t.startswith("cupy.")
-             or t.startswith("cupy_backends")}
+    found = {t for t in imports(path) | dynamic_imports(path)
+             if t.split(".")[0] in ("cupy", "cupyx", "cupy_backends")}
     assert not found, f"{name} imports {sorted(found)}: only backend.py and kernels/ may"
+
+
+def dynamic_imports(path: Path) -> set:
+    """Modules reached without an import statement: sys.modules["x"], importlib.import_module("x")
+    and __import__("x"), with the name written out."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Subscript) and ast.unparse(node.value) == "sys.modules":
+            key = node.slice
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in (
+                "importlib.import_module", "import_module", "__import__") and node.args:
+            key = node.args[0]
+        else:
+            continue
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.add(key.value)
+    return found
 
 
 def test_every_module_has_a_layer():
     """A new file must be placed in LAYERS (and the README's Layout) when it is added."""
     missing = [module_name(p) for p in sources() if layer_of(module_name(p)) is None]
     assert not missing
+
+
+def test_the_checker_sees_cupy_reached_without_an_import_statement(tmp_path):
+    source = tmp_path / "fake.py"
+    source.write_text("import importlib, sys\n"
+                      "def f():\n    return sys.modules['cupy'], importlib.import_module('cupyx')\n"
+                      "def g():\n    return __import__('cupy.cuda'), sys.modules.get('numpy')\n")
+    assert dynamic_imports(source) == {"cupy", "cupyx", "cupy.cuda"}
 
 
 def test_the_checker_sees_a_wrong_import(tmp_path):

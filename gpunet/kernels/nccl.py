@@ -20,12 +20,13 @@ def _nccl():
     return nccl
 
 
-def unique_id() -> tuple:
-    """A new NCCL unique id, as a tuple of ints that MPI can broadcast."""
-    return tuple(_nccl().get_unique_id())
+def unique_id() -> bytes:
+    """A new NCCL unique id: CuPy 14's bytes (a tuple of ints before), which MPI broadcasts as
+    any object and ``communicator`` takes back as they are."""
+    return _nccl().get_unique_id()
 
 
-def communicator(size: int, uid: tuple, rank: int):
+def communicator(size: int, uid: bytes, rank: int):
     """This rank's NCCL communicator on the current GPU (collective: every rank calls it)."""
     return _nccl().NcclCommunicator(size, uid, rank)
 
