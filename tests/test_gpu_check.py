@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -101,11 +102,14 @@ class FakeGPU:
 
 @pytest.fixture
 def fake(monkeypatch):
+    """The tool's own subprocess, os.killpg and shutil.which, faked (the test's stay real)."""
     gpu = FakeGPU()
-    monkeypatch.setattr(gc.subprocess, "Popen", gpu)
-    monkeypatch.setattr(gc.os, "killpg", lambda pid, sig: gpu.killed.append(pid))
+    monkeypatch.setattr(gc, "subprocess", types.SimpleNamespace(
+        Popen=gpu, PIPE=subprocess.PIPE, TimeoutExpired=subprocess.TimeoutExpired))
+    monkeypatch.setattr(gc, "os", types.SimpleNamespace(
+        killpg=lambda pid, sig: gpu.killed.append(pid), environ=os.environ, pathsep=os.pathsep))
+    monkeypatch.setattr(gc, "shutil", types.SimpleNamespace(which=lambda name: None))
     monkeypatch.setattr(gc, "find_sanitizer", lambda: "/fake/bin/compute-sanitizer")
-    monkeypatch.setattr(gc.shutil, "which", lambda name: None)  # no nvidia-smi
     return gpu
 
 
@@ -230,16 +234,17 @@ def test_s():
 '''
 
 
-def run_pytest(folder: Path, *paths) -> str:
-    """What gpu-check reads: pytest's stdout, with the flags gpu-check gives it."""
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rfEs", "-p", "no:cacheprovider",
-                           "--rootdir", str(folder), *paths], cwd=folder, capture_output=True,
-                          text=True, timeout=120).stdout
+def run_pytest(folder: Path, *paths):
+    """pytest with the flags gpu-check gives it: its exit status, stdout and stderr."""
+    done = subprocess.run([sys.executable, "-m", "pytest", *gc.PYTEST_FLAGS, "--rootdir",
+                           str(folder), *paths], cwd=folder, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=120)
+    return done.returncode, done.stdout, done.stderr
 
 
 def test_pytest_s_own_summary_gives_the_counts_and_node_ids(tmp_path):
     (tmp_path / "test_a.py").write_text(FAILING_TESTS)
-    found = gc.parse_pytest(run_pytest(tmp_path, "test_a.py"))
+    found = gc.parse_pytest(run_pytest(tmp_path, "test_a.py")[1])
     assert found["counts"] == {"failed": 2, "passed": 1, "skipped": 1, "error": 1}
     assert found["failed"] == ["test_a.py::test_p[a b]", "test_a.py::test_p[c-d - e]"]
     assert found["errors"] == ["test_a.py::test_e"]
@@ -248,7 +253,7 @@ def test_pytest_s_own_summary_gives_the_counts_and_node_ids(tmp_path):
 
 def test_an_error_while_collecting_names_the_file(tmp_path):
     (tmp_path / "test_b.py").write_text("import a_module_that_is_not_there\n")
-    found = gc.parse_pytest(run_pytest(tmp_path, "test_b.py"))
+    found = gc.parse_pytest(run_pytest(tmp_path, "test_b.py")[1])
     assert found["counts"] == {"error": 1}
     assert found["errors"] == ["test_b.py"] and found["failed"] == []
 
@@ -311,7 +316,8 @@ def test_a_step_left_out_launches_nothing(argv, kinds, tmp_path, fake):
 def test_pytest_args_pass_through(tmp_path, fake):
     check(tmp_path, "--only", "pytest", "--pytest-args", "-k 'graph and not cnn' -x")
     pytest_cmd = fake.commands[1]
-    assert pytest_cmd[pytest_cmd.index("-rfEs") + 3:] == ["-k", "graph and not cnn", "-x"]
+    assert pytest_cmd[pytest_cmd.index("no:cacheprovider") + 1:] == ["-k", "graph and not cnn",
+                                                                     "-x"]
 
 
 FAILED_PYTEST = (1, ".F.E\n=== short test summary info ===\n"
@@ -372,8 +378,18 @@ def test_a_command_out_of_time_is_killed_and_its_step_fails(tmp_path, fake, caps
     assert code == 1 and fake.killed == [-1]
     assert report["steps"]["pytest"] == "failed"
     assert report["commands"]["pytest -m cuda"]["exit"] is None
-    assert "FAIL  pytest -m cuda: no summary (timed out)" in capsys.readouterr().out
+    assert "FAIL  pytest -m cuda: no summary; timed out\n" in capsys.readouterr().out
     assert gc.rerun_tests(report) == []  # so all of pytest -m cuda again
+
+
+def test_a_pytest_run_that_crashes_names_the_test_it_was_in(tmp_path, fake, capsys):
+    (tmp_path / "test_c.py").write_text("import os\n\ndef test_fine():\n    pass\n\n"
+                                        "def test_crash():\n    os.abort()\n")
+    fake.answers["pytest"] = run_pytest(tmp_path, "test_c.py")  # what a real crash prints
+    code, report = check(tmp_path, "--only", "pytest")
+    assert code == 1 and report["steps"]["pytest"] == "failed"
+    assert "FAIL  pytest -m cuda: no summary; exit -6; Fatal Python error: Aborted; " \
+           "its last line: test_c.py::test_crash" in capsys.readouterr().out
 
 
 def test_a_run_cut_short_leaves_a_report_that_reruns_the_rest(tmp_path, fake):
