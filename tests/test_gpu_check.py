@@ -119,7 +119,7 @@ def check(tmp_path, *argv, out="out"):
     return code, json.loads((tmp_path / out / "report.json").read_text())
 
 
-ALL_KINDS = ["machine", "pytest", "memcheck", "memcheck", "racecheck", "train", "train", "cnn",
+ALL_KINDS = ["machine", "pytest", "train", "train", "cnn", "memcheck", "memcheck", "racecheck",
              "gradcheck", "nvrtc", "nvrtc", "bench", "bench-compile"]
 
 
@@ -127,11 +127,11 @@ ALL_KINDS = ["machine", "pytest", "memcheck", "memcheck", "racecheck", "train", 
 
 @pytest.mark.parametrize("argv, said", [
     (["--only", "pytest,gpu"], "argument --only: expected a comma list of machine, pytest, "
-                               "memcheck, racecheck, train, cnn, gradcheck, nvrtc, bench, "
+                               "train, cnn, memcheck, racecheck, gradcheck, nvrtc, bench, "
                                "bench-compile, got 'pytest,gpu'"),
     (["--only", ","], "argument --only: expected a comma list of machine"),
     (["--skip", "machine"], "argument --skip: machine always runs (it names the GPU); expected "
-                            "a comma list of pytest, memcheck"),
+                            "a comma list of pytest, train"),
     (["--only", "pytest", "--from-report", "report.json"],
      "argument --from-report: not allowed with argument --only"),
     (["--budget", "0"], "argument --budget: expected a positive number of seconds, got '0'"),
@@ -191,9 +191,9 @@ def test_a_report_reruns_what_it_did_not_show_to_pass():
                         "racecheck": "skipped", "train": "not finished", "cnn": "not finished",
                         "gradcheck": "not selected", "nvrtc": "done", "bench": "not finished",
                         "bench-compile": "not finished"}}
-    assert gc.rerun_steps(report) == ["pytest", "racecheck", "train", "cnn", "bench"]
-    assert gc.select_steps(None, ["bench"], report, []) == ["machine", "pytest", "racecheck",
-                                                            "train", "cnn"]
+    assert gc.rerun_steps(report) == ["pytest", "train", "cnn", "racecheck", "bench"]
+    assert gc.select_steps(None, ["bench"], report, []) == ["machine", "pytest", "train", "cnn",
+                                                            "racecheck"]
     report["steps"]["bench-compile"] = "failed"
     assert gc.rerun_steps(report)[-1] == "bench-compile"
 
@@ -355,14 +355,25 @@ def test_a_second_call_reruns_what_failed_and_only_the_failed_tests(tmp_path, fa
 
 
 def test_a_rerun_of_racecheck_alone_keeps_no_time_for_steps_not_selected(tmp_path, fake):
-    # Before the training steps racecheck leaves them two minutes: in 100 s it is skipped.
-    code, report = check(tmp_path, "--only", "racecheck,train", "--budget", "100")
+    # Before the gradient check racecheck leaves it two minutes: in 100 s it is skipped.
+    code, report = check(tmp_path, "--only", "racecheck,gradcheck", "--budget", "100")
     assert "racecheck" not in fake.kinds() and report["steps"]["racecheck"] == "skipped"
     assert gc.rerun_steps(report) == ["racecheck"]
     # Alone, it runs in the same budget.
     fake.commands.clear()
     code, report = check(tmp_path, "--only", "racecheck", "--budget", "100")
     assert code == 0 and fake.kinds() == ["machine", "racecheck"]
+
+
+def test_memcheck_leaves_the_steps_after_it_a_minute_and_a_half(tmp_path, fake):
+    code, report = check(tmp_path, "--only", "memcheck,gradcheck", "--budget", "100")
+    assert "memcheck" not in fake.kinds() and report["steps"]["memcheck"] == "skipped"
+    fake.timeouts.clear()
+    check(tmp_path, "--only", "memcheck,gradcheck", "--budget", "400")
+    assert [t for kind, t in fake.timeouts if kind == "memcheck"] == [120, 120]
+    fake.timeouts.clear()
+    check(tmp_path, "--only", "memcheck", "--budget", "100")  # alone: all it has, 2 minutes at most
+    assert all(t <= 100 for kind, t in fake.timeouts if kind == "memcheck")
 
 
 def test_the_bench_keeps_a_minute_for_torch_compile_only_when_that_runs(tmp_path, fake):
@@ -398,7 +409,8 @@ def test_a_run_cut_short_leaves_a_report_that_reruns_the_rest(tmp_path, fake):
         check(tmp_path)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["steps"]["train"] == "passed"
-    assert gc.rerun_steps(report) == ["cnn", "gradcheck", "nvrtc", "bench"]
+    assert gc.rerun_steps(report) == ["cnn", "memcheck", "racecheck", "gradcheck", "nvrtc",
+                                      "bench"]
 
 
 def test_the_printed_summary_stays_short_with_many_failures(tmp_path, fake, capsys):
