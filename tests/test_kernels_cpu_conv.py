@@ -46,6 +46,8 @@ def run(layer, x, dy, compiled, monkeypatch, input_grad=True):
 
 CONV_CASES = [  # (in, out, kernel, stride, padding, input shape)
     (1, 8, 3, 1, 1, (5, 1, 12, 12)),       # the small CNN's first layer, smaller
+    (1, 40, 3, 1, 1, (3, 1, 9, 9)),        # one channel, more outputs than a 512-bit vector holds
+    (4, 5, 2, 1, 0, (2, 4, 6, 6)),         # an even kernel, no padding
     (8, 6, 3, 1, 1, (4, 8, 7, 7)),         # and its second
     (3, 5, 3, 2, 1, (3, 3, 9, 7)),
     (2, 4, 5, 1, 2, (2, 2, 11, 8)),
