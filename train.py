@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
              + ")")
     add("--batch-size", type=positive_int,
         help=f"(default {d['batch_size']}; per rank with --distributed, as in PyTorch DDP)")
+    add("--eval-batch-size", type=positive_int,
+        help=f"images per evaluation batch (default {d['eval_batch_size']}): a smaller one takes "
+             "less memory and gives the same loss and accuracy")
     rates = ", ".join(f"{rate:g} for {name}" for name, rate in DEFAULT_LR.items())
     add("--lr", type=positive_float, help=f"peak learning rate (default {rates})")
     add("--optimizer", choices=OPTIMIZERS, help=f"(default {d['optimizer']})")

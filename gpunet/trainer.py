@@ -572,7 +572,8 @@ class Trainer:
         need, _ = self._memory_need(in_features, batch_rows)
         available = _available_memory() if self.device.type == "cpu" else None
         if available is not None and need > available:
-            advice = "--hidden or --batch-size" if self.config.model == "mlp" else "--batch-size"
+            advice = ("--hidden, --batch-size or --eval-batch-size" if self.config.model == "mlp"
+                      else "--batch-size or --eval-batch-size")
             raise ValueError(f"{self._memory_text(in_features, batch_rows)}, more than the "
                              f"{_gib(available)} this machine has available; give a smaller "
                              f"{advice}")

@@ -35,6 +35,8 @@ def run(capsys, *argv):
 
 @pytest.mark.parametrize("argv,flag", [
     (["--batch-size", "0"], "--batch-size"),
+    (["--eval-batch-size", "0"], "--eval-batch-size"),
+    (["--eval-batch-size", "2.5"], "--eval-batch-size"),
     (["--epochs", "-1"], "--epochs"),
     (["--lr", "0"], "--lr"),
     (["--lr", "nan"], "--lr"),
@@ -309,6 +311,22 @@ def test_a_finitely_diverged_run_warns_once_and_exits_3(capsys, tmp_path, mnist_
     assert json.loads(metrics.read_text())["failed_epochs"] == [1]
 
 
+def test_the_evaluation_batch_changes_memory_not_results(capsys, tmp_path, mnist_dir):
+    results = []
+    for extra in ([], ["--eval-batch-size", "333"]):
+        metrics = tmp_path / f"m{len(extra)}.json"
+        code, out, err = run(capsys, "--device", "cpu", "--hidden", "16", "--val-size", "5000",
+                             "--no-progress", "--data-dir", mnist_dir, "--epochs", "1",
+                             "--metrics-json", metrics, *extra)
+        assert code == 0, err
+        results.append(json.loads(metrics.read_text()))
+    assert results[1]["config"]["eval_batch_size"] == 333
+    for key in ("test_accuracy", "test_loss"):
+        assert results[1][key] == pytest.approx(results[0][key], rel=1e-6)
+    assert results[1]["history"][0]["val_loss"] == pytest.approx(results[0]["history"][0]["val_loss"],
+                                                                 rel=1e-6)
+
+
 def test_memory_past_the_machine_is_one_line(capsys, tmp_path, mnist_dir, monkeypatch):
     from gpunet import trainer
     monkeypatch.setattr(trainer, "_available_memory", lambda: 16 * 2 ** 30)
@@ -316,7 +334,7 @@ def test_memory_past_the_machine_is_one_line(capsys, tmp_path, mnist_dir, monkey
     assert code == 1 and len(err) == 1
     assert err[0].startswith("train.py: error: --hidden 10000000 with --batch-size 128 needs about ")
     assert err[0].endswith("more than the 16.0 GiB this machine has available; give a smaller "
-                           "--hidden or --batch-size")
+                           "--hidden, --batch-size or --eval-batch-size")
 
 
 def test_a_full_disk_names_the_path(capsys, tmp_path, mnist_dir, monkeypatch):

@@ -412,7 +412,7 @@ def test_a_model_past_memory_is_refused_with_what_it_needs(monkeypatch):
     assert message.startswith("--hidden 10000000 with --batch-size 128 needs about 110.6 GiB ")
     assert "(model 784-10000000-10: 7,950,000,010 parameters" in message
     assert message.endswith("more than the 8.0 GiB this machine has available; give a smaller "
-                            "--hidden or --batch-size")
+                            "--hidden, --batch-size or --eval-batch-size")
 
 
 def test_a_batch_larger_than_the_data_is_one_step_an_epoch(capsys):
@@ -560,7 +560,7 @@ def test_a_cnn_past_memory_is_refused_with_what_it_needs(monkeypatch):
     assert "(model 1x28x28-conv32-pool-conv64-pool-128-10 dropout 0.25: 421,642 parameters" in message
     assert "for a batch of 200 and an evaluation batch of 50)" in message
     assert message.endswith("more than the 64 MiB this machine has available; give a smaller "
-                            "--batch-size")
+                            "--batch-size or --eval-batch-size")
     Trainer(cnn(batch_size=16), images(), quiet=True)  # a small batch fits
 
 
