@@ -19,8 +19,8 @@ xors on uint32/uint64 arrays), which numpy and cupy both run elementwise: the sa
 counter give the same mask on both devices. ``Dropout(p, counter_based=True)`` uses it on the
 CPU too (to reproduce a GPU run's masks there), at about 140 elementwise operations per draw
 (14 a round). On a GPU the same formula runs as one fused kernel instead
-(``kernels.cuda.dropout``: the mask and ``x * mask`` in one launch), which the tests hold equal
-to this one bit for bit.
+(``counter_dropout``'s fast path, ``kernels.cuda.dropout``: the mask and ``x * mask`` in one
+launch), which the tests hold equal to this one bit for bit.
 
 Element ``offset + i`` of the stream is the mask of element i, where ``offset`` counts the
 elements of the rows before it (``Dropout.row_offset``). Data-parallel ranks each set it to the
@@ -30,6 +30,7 @@ would draw for the whole global batch, not one identical mask each.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -97,6 +98,31 @@ def keep_threshold(p: float) -> np.uint32:
     return np.uint32(min(int(p * 2 ** 32), _MASK32))
 
 
+def keep_scale(p: float) -> float:
+    """What a kept element is multiplied by: 1 / (1 - p) (0 when everything is dropped)."""
+    return 0.0 if p == 1.0 else 1.0 / (1.0 - p)
+
+
+def counter_mask(shape, dtype, p: float, seed: int, counter, xp, offset: int = 0):
+    """The scaled keep-mask (0 or 1 / (1 - p), in ``dtype``) of step ``counter`` of stream
+    ``seed``, from stream element ``offset`` on: the formula, in ``xp`` operations."""
+    words = counter_words(math.prod(shape), seed, counter, xp, offset)
+    keep = (words >= keep_threshold(p)).reshape(shape)
+    return keep.astype(dtype) * np.dtype(dtype).type(keep_scale(p))
+
+
+def counter_dropout(x, p: float, seed: int, counter, offset: int = 0):
+    """(x * mask, mask) with mask = counter_mask(x.shape, x.dtype, ...); reads ``counter``, does
+    not advance it. On a GPU one fused kernel (kernels.cuda.dropout) draws and applies the mask,
+    which the tests hold equal to the formula bit for bit."""
+    if is_cuda_array(x) and F.is_float_dtype(x.dtype):
+        from .kernels import cuda as cuda_kernels  # imports cupy: only once a GPU is in use
+        _stream_blocks(x.size, offset)
+        return cuda_kernels.dropout(x, counter, offset, seed, keep_threshold(p), keep_scale(p))
+    mask = counter_mask(x.shape, x.dtype, p, seed, counter, get_array_module(x), offset)
+    return x * mask, mask
+
+
 class Dropout(Module):
     """Inverted dropout: in training, each element is zeroed with probability ``p`` and the
     others are scaled by 1 / (1 - p); in eval mode it is the identity (``torch.nn.Dropout``).
@@ -155,17 +181,14 @@ class Dropout(Module):
 
     def mask(self, x):
         """The scaled keep-mask for one training step (0 or 1/(1-p), in x's dtype); a draw."""
-        xp = get_array_module(x)
-        scale = x.dtype.type(0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p))
         if self._uses_counter(x):
-            offset = self._stream_offset(x)
-            words = counter_words(x.size, self.seed, self._counter_on(x), xp, offset)
+            m = counter_mask(x.shape, x.dtype, self.p, self.seed, self._counter_on(x),
+                             get_array_module(x), self._stream_offset(x))
             self.counter += np.uint64(1)  # in place: on a GPU a kernel, which a graph replays
-            keep = (words >= keep_threshold(self.p)).reshape(x.shape)
-        else:
-            rng = default_rng() if self.rng is None else self.rng
-            keep = to_device(rng.random(x.shape, dtype=np.float32) >= self.p, device_of(x))
-        return keep.astype(x.dtype) * scale
+            return m
+        rng = default_rng() if self.rng is None else self.rng
+        keep = to_device(rng.random(x.shape, dtype=np.float32) >= self.p, device_of(x))
+        return keep.astype(x.dtype) * x.dtype.type(keep_scale(self.p))
 
     def forward(self, x):
         if not hasattr(x, "dtype"):
@@ -173,15 +196,9 @@ class Dropout(Module):
         if not self.training or self.p == 0.0:
             self._save(mask=1)
             return x
-        if is_cuda_array(x) and self._uses_counter(x) and F.is_float_dtype(x.dtype):
-            # The same mask as mask()'s formula, drawn and applied in one fused kernel.
-            from .kernels import cuda as cuda_kernels  # imports cupy: only once a GPU is in use
-            offset = self._stream_offset(x)
-            _stream_blocks(x.size, offset)
-            scale = 0.0 if self.p == 1.0 else 1.0 / (1.0 - self.p)
-            y, m = cuda_kernels.dropout(x, self._counter_on(x), offset, self.seed,
-                                        keep_threshold(self.p), scale)
-            self.counter += np.uint64(1)  # after the kernel read it, in stream order
+        if self._uses_counter(x):
+            y, m = counter_dropout(x, self.p, self.seed, self._counter_on(x), self._stream_offset(x))
+            self.counter += np.uint64(1)  # after the draw read it (in stream order on a GPU)
         else:
             m = self.mask(x)
             y = x * m

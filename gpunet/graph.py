@@ -63,6 +63,7 @@ class GraphStep:
         x, y = self.x_batch[:rows], self.y_batch[:rows]
         cuda_kernels.gather_batch(t.data.x_train, t.data.y_train, self.order, self.counters, x, y,
                                   t.config.batch_size)
+        t.place_dropout(global_rows)
         loss = t.forward_backward(x, y)
         t.average_gradients(rows, global_rows)
         t.optimizer.device_update(self.lr_table, self.counters)

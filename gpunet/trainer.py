@@ -408,13 +408,13 @@ class Trainer:
         except MemoryError:  # NumPy's, or CuPy's OutOfMemoryError (a MemoryError too)
             need = self._memory_text(in_features, batch_rows)
             raise ValueError(f"out of memory building the model: {need}") from None
-        if config.distributed:
-            # Each rank draws its rows' part of the one dropout mask of the global batch (the
-            # layers' row_offset is set step by step in _steps): counter-based on the CPU too,
-            # so that the masks, like the gradients, are those of one process at the global
-            # batch, however many ranks share it, and not one identical mask per rank.
-            for layer in self._dropout_layers():
-                layer.counter_based = True
+        # Under --distributed each rank draws its rows' part of the one dropout mask of the
+        # global batch (place_dropout sets the layers' row_offset step by step), counter-based on
+        # the CPU too: the masks, like the gradients, are those of one process at the global
+        # batch, however many ranks share it, and not one identical mask per rank.
+        self._sharded_dropouts = self._dropout_layers() if config.distributed else []
+        for layer in self._sharded_dropouts:
+            layer.counter_based = True
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         self.shuffle_rng = np.random.default_rng(config.seed)
         self.epoch, self.history = 0, []
@@ -622,10 +622,13 @@ class Trainer:
         meter = LossMeter(get_array_module(self.data.x_train), self.batch_sizes)
         self.model.train()
         with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
-            if self.graph is not None:
-                self.graph.run_epoch(order, meter, progress)
-            else:
-                self._steps(to_device(order, self.device), meter, progress)
+            try:
+                if self.graph is not None:
+                    self.graph.run_epoch(order, meter, progress)
+                else:
+                    self._steps(to_device(order, self.device), meter, progress)
+            finally:
+                self.place_dropout(None)  # a forward after training draws from row 0 again
         self._check_finite(meter)
         if self.initial_loss is None and meter.steps:
             self.initial_loss = float(to_numpy(meter.losses[:1])[0])
@@ -651,12 +654,10 @@ class Trainer:
         # averaged over ranks (an average of buffers would be scaled with them).
         folded = (self.loss_scale == 1.0 and self.comm.size == 1
                   and isinstance(self.optimizer, optim.SGD) and self.optimizer.fold_momentum())
-        dropouts = self._dropout_layers() if self.config.distributed else []
         try:
             start = 0
             for step, rows in enumerate(self.batch_sizes):
-                for layer in dropouts:  # this rank's first row in the global batch
-                    layer.row_offset = self._shards[step][0]
+                self.place_dropout(int(self.global_batch_sizes[step]))
                 idx = order[start:start + rows]
                 start += rows
                 x, y = self._x_batch[:rows], self._y_batch[:rows]
@@ -673,6 +674,14 @@ class Trainer:
         finally:
             if folded:
                 self.optimizer.unfold_momentum()
+
+    def place_dropout(self, global_rows: int | None) -> None:
+        """Under --distributed, point each Dropout at this rank's first row of a global batch of
+        ``global_rows`` (None: back to 0, outside training). A captured CUDA graph keeps the
+        offset it was captured with, which is that of every full global batch."""
+        first = 0 if global_rows is None else distributed.shard(global_rows, self.comm)[0]
+        for layer in self._sharded_dropouts:
+            layer.row_offset = first
 
     def average_gradients(self, rows: int, global_rows: int) -> None:
         """Make every rank's gradient the gradient of the mean loss over the global batch: one

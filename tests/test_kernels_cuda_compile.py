@@ -226,8 +226,10 @@ def elementwise_source(definition, dtypes: dict, ndim: int = 2, scalars=()) -> s
     return "".join(f"#include <{h}>\n" for h in core._cupy_header_list) + code
 
 
-# The inputs kernels.cuda.dropout passes as NumPy scalars (dropout_operands): all but x and step.
-DROPOUT_SCALARS = ("offset", "k0", "k1", "threshold", "scale")
+# The inputs kernels.cuda.dropout passes as NumPy scalars, as dropout_operands builds them.
+DROPOUT_SCALARS = tuple(
+    p.split()[1] for p, v in zip(K.DROPOUT[0].split(","), K.dropout_operands(
+        np.zeros(1, np.float32), np.zeros((), np.uint64), 0, 0, 0, 1.0)) if isinstance(v, np.generic))
 
 
 def elementwise_cases():

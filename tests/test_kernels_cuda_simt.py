@@ -388,6 +388,26 @@ def test_dropout_is_the_counter_based_formula_bit_for_bit(dtype, seed, step, off
     np.testing.assert_array_equal((x * expected).view(np.uint8), y.view(np.uint8))
 
 
+def test_dropout_keeps_a_word_equal_to_its_threshold():
+    """keep when word >= threshold: with p = w / 2**32 for a word w of the stream, the element
+    that drew w is kept, and one that drew w - 1 would not be."""
+    from gpunet import dropout as D
+    n, c, seed, step = 5, 7, 99, 3
+    words = D.counter_words(n * c, seed, np.uint64(step), np)
+    w = int(words[11])
+    p = w / 2 ** 32
+    assert int(D.keep_threshold(p)) == w
+    x = np.ones((n, c), np.float32)
+    operands = K.dropout_operands(x, np.array(step, np.uint64), 0, seed, D.keep_threshold(p),
+                                  D.keep_scale(p))
+    y, mask = np.empty_like(x), np.empty_like(x)
+    run_elementwise(K.DROPOUT, same_types, np.float32,
+                    dict(zip(parameter_names(K.DROPOUT), [np.asarray(v) for v in operands] + [y, mask])),
+                    (n, c), poison=(y, mask))
+    assert mask.reshape(-1)[11] == np.float32(D.keep_scale(p))
+    np.testing.assert_array_equal(mask.reshape(-1) != 0, words >= w)
+
+
 # --- the optimizers' fused updates ------------------------------------------------------------------
 
 OPTIMIZERS = {

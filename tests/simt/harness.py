@@ -228,8 +228,14 @@ def _params(spec: str) -> list[tuple[str, str]]:
 
 def _is_concrete(type_name: str) -> bool:
     """A parameter type that names a dtype (CuPy's ``uint32 k``) rather than a type letter
-    (``T x``, resolved from the arguments' dtypes at the call)."""
-    return type_name in ELEMENTWISE_TYPES
+    (``T x``, resolved from the arguments' dtypes at the call): as in CuPy's ParameterInfo, one
+    character is a type letter and anything longer a dtype's name."""
+    if len(type_name) == 1:
+        return False
+    if type_name not in ELEMENTWISE_TYPES:
+        raise TypeError(f"the harness has no C type for an ElementwiseKernel parameter of type "
+                        f"{type_name!r}; add it to ELEMENTWISE_TYPES")
+    return True
 
 
 def _c_type(type_name: str) -> str:
