@@ -217,6 +217,30 @@ def test_dense_relu_kernels(poisoned, rng):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_relu_backward_of_a_convolution_in_groups_of_rows(poisoned, rng, dtype):
+    """The small CNN's first layer at batch 128: 100352 rows of 32 channels, cut into groups of
+    rows (two launches), and with beta (Parameter.grad_decay) on top."""
+    cp = poisoned
+    n, c = 100352, 32
+    assert K.relu_backward_groups(n, c, K.device_facts(0)) > 1
+    y = np.maximum(rng.standard_normal((n, c)), 0).astype(dtype)
+    dy = rng.standard_normal((n, c)).astype(dtype)
+    bias_grad = cp.empty(c, dtype)
+    dz = F.relu_backward(cp.asarray(dy), cp.asarray(y), bias_grad=bias_grad)
+    expected = np.where(y > 0, dy, 0).astype(np.float64)
+    np.testing.assert_array_equal(to_numpy(dz).astype(np.float64), expected)
+    tol = {np.float32: 1e-5, np.float64: 1e-12, np.float16: 2e-3}[dtype]
+    scale = np.abs(expected).sum(axis=0).max()
+    np.testing.assert_allclose(to_numpy(bias_grad).astype(np.float64), expected.sum(axis=0),
+                               rtol=tol, atol=tol * scale)
+    before = to_numpy(bias_grad).astype(np.float64)
+    F.relu_backward(cp.asarray(dy), cp.asarray(y), bias_grad=bias_grad, beta=0.5)
+    np.testing.assert_allclose(to_numpy(bias_grad).astype(np.float64),
+                               expected.sum(axis=0) + 0.5 * before, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.cuda
 def test_count_correct_kernel(cp, rng):
     logits = rng.standard_normal((1000, 10)).astype(np.float32)
     labels = rng.integers(0, 10, 1000)

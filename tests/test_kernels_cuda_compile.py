@@ -147,8 +147,9 @@ def test_every_planned_cross_entropy_kernel_is_an_entry():
 def other_launches() -> dict:
     by_entry = {}
     for dtype in DTYPES:
-        for n, c in ((1, 1), (128, 256), (128, 10), (60000, 784), (7, 100000)):
+        for n, c in ((1, 1), (128, 256), (128, 10), (60000, 784), (7, 100000), (100352, 32)):
             for launch in (K.relu_backward_launch(n, c, dtype, K.HOPPER),
+                           K.column_sums_launch(c, dtype, K.HOPPER),
                            K.count_correct_launch(n, c, dtype, K.HOPPER),
                            K.gather_batch_launch(n, c, dtype, K.HOPPER),
                            K.finish_step_launch(dtype)):

@@ -318,9 +318,9 @@ def test_relu_backward(dtype, bias, seed):
     dy = rng.standard_normal((n, c)).astype(dtype)
     out = np.empty_like(y)
     bias_grad = np.empty(c, dtype) if bias else None
-    relu_backward().launch(K.relu_backward_launch(n, c, dtype, ONE_SM),
-                           K.relu_backward_arguments(dy, y, out, bias_grad),
-                           poison=(out, bias_grad) if bias else (out,), seed=seed)
+    (launch, arguments), = K.relu_backward_launches(dy, y, out, bias_grad, ONE_SM, np)
+    relu_backward().launch(launch, arguments, poison=(out, bias_grad) if bias else (out,),
+                           seed=seed)
     dz = np.where(y.astype(np.float64) > 0, dy.astype(np.float64), 0)
     np.testing.assert_array_equal(out.astype(np.float64), dz)
     if bias:
@@ -328,6 +328,41 @@ def test_relu_backward(dtype, bias, seed):
         tol = TOLERANCE[np.dtype(dtype).name]
         np.testing.assert_allclose(bias_grad.astype(np.float64), expected, rtol=tol,
                                    atol=tol * np.abs(dz).sum(axis=0).max())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=NAMES)
+@pytest.mark.parametrize("facts", [ONE_SM, MANY_SM], ids=["one-sm", "many-sm"])
+@pytest.mark.parametrize("seed", [None, 3])
+def test_relu_backward_of_a_tall_dz_in_groups_of_rows(dtype, facts, seed):
+    """A convolution's dz is tall: its rows are cut into groups, each block sums its group, and
+    column_sums adds the groups up. 4601 rows: not a multiple of a group; 45 columns: two tiles,
+    the second part empty."""
+    rng = np.random.default_rng(7)
+    n, c = 4601, 45
+    assert K.relu_backward_groups(n, c, facts) > 1
+    y = np.maximum(rng.standard_normal((n, c)), 0).astype(dtype)
+    dy = rng.standard_normal((n, c)).astype(dtype)
+    out, bias_grad = np.empty_like(y), np.empty(c, dtype)
+    launches = K.relu_backward_launches(dy, y, out, bias_grad, facts, np)
+    assert [launch.kernel.split("<")[0] for launch, _ in launches] == ["relu_backward", "column_sums"]
+    (first, first_args), (second, second_args) = launches
+    partials = first_args[4]
+    relu_backward().launch(first, first_args, poison=(out, partials), seed=seed)
+    relu_backward().launch(second, second_args, poison=(bias_grad,), seed=seed)
+    dz = np.where(y.astype(np.float64) > 0, dy.astype(np.float64), 0)
+    np.testing.assert_array_equal(out.astype(np.float64), dz)
+    tol = TOLERANCE[np.dtype(dtype).name]
+    np.testing.assert_allclose(bias_grad.astype(np.float64), dz.sum(axis=0), rtol=tol,
+                               atol=tol * np.abs(dz).sum(axis=0).max())
+
+
+def test_a_batch_is_one_group_and_one_launch():
+    """The MLP's batches keep the one-launch kernel that writes the bias gradient itself."""
+    y = np.ones((128, 800), np.float32)
+    launches = K.relu_backward_launches(y, y, np.empty_like(y), np.empty(800, np.float32),
+                                        K.HOPPER, np)
+    assert len(launches) == 1 and launches[0][1][4] == 0  # no partial sums
+    assert K.relu_backward_groups(100352, 32, K.HOPPER) == 132 * 4  # the small CNN's first layer
 
 
 # --- accuracy ------------------------------------------------------------------------------------------

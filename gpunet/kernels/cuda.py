@@ -684,21 +684,31 @@ def bias_relu_(y, b):
     return y
 
 
-# dz = dy where y > 0, and the bias gradient db = the column sums of dz. A block owns 32 columns;
-# its 8 warps take every 8th row (32 consecutive columns per warp: coalesced), and the 8 partial
-# sums of each column are added in a fixed order, so db is deterministic.
+# dz = dy where y > 0, and the bias gradient db = the column sums of dz. A block owns 32 columns
+# and a group of rows; its 8 warps take every 8th row of the group (32 consecutive columns per
+# warp: coalesced), and the 8 partial sums of each column are added in a fixed order. A batch
+# (an MLP's 128 rows) is one group, and the block writes db itself. A tall dz (a convolution's
+# rows are its pixels: 100352 for the small CNN's first layer at batch 128) is cut into groups of
+# rows, so that the grid fills the GPU rather than one multiprocessor per 32 columns; each block
+# then writes its group's sums into `partials` (in the accumulation type), and column_sums adds
+# the groups up, again in a fixed order: db is deterministic either way.
 RELU_BACKWARD_SOURCE = _PRELUDE + r"""
 template <int KIND> __global__ void relu_backward(
         const typename Types<KIND>::raw* dy, const typename Types<KIND>::raw* y,
-        typename Types<KIND>::raw* dz, typename Types<KIND>::raw* db, long long n, long long c) {
+        typename Types<KIND>::raw* dz, typename Types<KIND>::raw* db,
+        typename Types<KIND>::acc* partials, long long n, long long c, long long groups,
+        long long rows_per_group) {
     typedef typename Types<KIND>::acc S;
     __shared__ S partial[8][33];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (long long tile = blockIdx.x; tile * 32 < c; tile += gridDim.x) {
-        const long long j = tile * 32 + lane;
+    const long long tiles = (c + 31) / 32;
+    for (long long item = blockIdx.x; item < tiles * groups; item += gridDim.x) {
+        const long long tile = item % tiles, group = item / tiles, j = tile * 32 + lane;
+        const long long first = group * rows_per_group;
+        const long long last = first + rows_per_group < n ? first + rows_per_group : n;
         S total = 0;
         if (j < c) {
-            for (long long i = warp; i < n; i += 8) {
+            for (long long i = first + warp; i < last; i += 8) {
                 S g = load<KIND>(y, i * c + j) > 0 ? load<KIND>(dy, i * c + j) : (S)0;
                 store<KIND>(dz, i * c + j, g);
                 total += g;
@@ -706,7 +716,33 @@ template <int KIND> __global__ void relu_backward(
         }
         partial[warp][lane] = total;
         __syncthreads();
-        if (warp == 0 && db && j < c) {
+        if (warp == 0 && j < c && (db || partials)) {
+            S sum = 0;
+            for (int w = 0; w < 8; ++w) sum += partial[w][lane];
+            if (partials)
+                partials[group * c + j] = sum;
+            else
+                store<KIND>(db, j, sum);
+        }
+        __syncthreads();
+    }
+}
+
+// db[j] = the sum over groups of partials[group][j], as relu_backward sums rows.
+template <int KIND> __global__ void column_sums(
+        const typename Types<KIND>::acc* partials, typename Types<KIND>::raw* db,
+        long long groups, long long c) {
+    typedef typename Types<KIND>::acc S;
+    __shared__ S partial[8][33];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (long long tile = blockIdx.x; tile * 32 < c; tile += gridDim.x) {
+        const long long j = tile * 32 + lane;
+        S total = 0;
+        if (j < c)
+            for (long long g = warp; g < groups; g += 8) total += partials[g * c + j];
+        partial[warp][lane] = total;
+        __syncthreads();
+        if (warp == 0 && j < c) {
             S sum = 0;
             for (int w = 0; w < 8; ++w) sum += partial[w][lane];
             store<KIND>(db, j, sum);
@@ -715,16 +751,38 @@ template <int KIND> __global__ void relu_backward(
     }
 }
 """
-RELU_BACKWARD_ENTRIES = [f"relu_backward<{k}>" for k in range(4)]
+RELU_BACKWARD_ENTRIES = ([f"relu_backward<{k}>" for k in range(4)]
+                         + [f"column_sums<{k}>" for k in range(4)])
+
+_TALL_ROWS = 4096      # from here on, dz's rows are cut into groups
+_GROUP_MIN_ROWS = 128  # the fewest rows a group has (its block's 8 warps take 16 rows each)
+
+
+def relu_backward_groups(n: int, c: int, facts: DeviceFacts) -> int:
+    """How many groups of rows relu_backward cuts dz (n x c) into: 1 for a batch, and for a
+    tall dz enough for about 4 blocks per multiprocessor over all column tiles."""
+    if n < _TALL_ROWS:
+        return 1
+    tiles = -(-c // 32)
+    return max(1, min(-(-4 * facts.multiprocessors // tiles), n // _GROUP_MIN_ROWS))
 
 
 def relu_backward_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
-    """A block of 8 warps per 32 columns (the kernel's partial[8][33] assumes 256 threads)."""
-    return Launch(f"relu_backward<{_kind(dtype)}>", max(1, min(-(-c // 32), 8 * facts.multiprocessors)), 256)
+    """A block of 8 warps per 32 columns and group of rows (the kernel's partial[8][33]
+    assumes 256 threads)."""
+    items = -(-c // 32) * relu_backward_groups(n, c, facts)
+    return Launch(f"relu_backward<{_kind(dtype)}>", max(1, min(items, 8 * facts.multiprocessors)),
+                  256)
+
+
+def column_sums_launch(c: int, dtype, facts: DeviceFacts) -> Launch:
+    return Launch(f"column_sums<{_kind(dtype)}>", max(1, min(-(-c // 32), 8 * facts.multiprocessors)),
+                  256)
 
 
 def relu_backward(dy, y, out=None, bias_grad=None):
-    """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0), in one launch.
+    """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0): one launch for a batch,
+    two for a tall dz (see RELU_BACKWARD_SOURCE).
 
     ``out`` (allocated when None) must be C-contiguous like the kernel writes it, of y's shape
     and dtype; ``bias_grad`` of shape (C,) and y's dtype."""
@@ -737,15 +795,41 @@ def relu_backward(dy, y, out=None, bias_grad=None):
     _require(out, "out", y.shape, y.dtype)
     if bias_grad is not None:
         _require(bias_grad, "bias_grad", y.shape[1:], y.dtype)
-    n, c = y.shape
-    _launch(RELU_BACKWARD_SOURCE, relu_backward_launch(n, c, y.dtype, device_facts(y.device.id)),
-            relu_backward_arguments(dy, y, out, bias_grad))
+    for launch, arguments in relu_backward_launches(dy, y, out, bias_grad,
+                                                    device_facts(y.device.id), cupy):
+        _launch(RELU_BACKWARD_SOURCE, launch, arguments)
     return out
 
 
-def relu_backward_arguments(dy, y, out, bias_grad) -> tuple:
+def relu_backward_launches(dy, y, out, bias_grad, facts: DeviceFacts, xp) -> list:
+    """[(Launch, arguments)]: what relu_backward launches, in order; ``xp`` allocates the
+    groups' partial sums (cupy on a GPU, numpy for the CPU harness in tests/simt)."""
     n, c = y.shape
-    return dy, y, out, _NULL if bias_grad is None else bias_grad, np.int64(n), np.int64(c)
+    groups = relu_backward_groups(n, c, facts)
+    partials = None
+    if bias_grad is not None and groups > 1:
+        partials = xp.empty((groups, c), dtype=_acc_dtype(y.dtype))
+    launches = [(relu_backward_launch(n, c, y.dtype, facts),
+                 relu_backward_arguments(dy, y, out, bias_grad, partials, groups))]
+    if partials is not None:
+        launches.append((column_sums_launch(c, y.dtype, facts),
+                         column_sums_arguments(partials, bias_grad)))
+    return launches
+
+
+def relu_backward_arguments(dy, y, out, bias_grad, partials=None, groups: int = 1) -> tuple:
+    """relu_backward's arguments; with ``partials`` ((groups, C), the accumulation type) the
+    kernel writes its groups' sums there, and column_sums then writes bias_grad."""
+    n, c = y.shape
+    rows_per_group = max(1, -(-n // groups))
+    db = _NULL if bias_grad is None or partials is not None else bias_grad
+    return (dy, y, out, db, _NULL if partials is None else partials, np.int64(n), np.int64(c),
+            np.int64(groups), np.int64(rows_per_group))
+
+
+def column_sums_arguments(partials, bias_grad) -> tuple:
+    groups, c = partials.shape
+    return partials, bias_grad, np.int64(groups), np.int64(c)
 
 
 # One thread per row: argmax (the first maximum, NaN counting as the maximum like numpy's) and a
