@@ -175,9 +175,12 @@ def test_gpu_section_reports_numbers_and_errors_alike(tiny):
             "launches_128x10": {"calls": 100, "per_call": {"kernels": 1.0, "memcpy": 0.0,
                                                            "memset": 0.0,
                                                            "launch_api_calls": 1.0}}},
+        "relu_backward": {"rows": [{"shape": [100352, 32], "bytes": 38535296, "groups": 528,
+                                    "planned": kernel, "one group": {"error": "RuntimeError: x"}}]},
     }
     table = report.format_report({**result, "gpu": gpu})
     assert "empty kernel launch (CuPy RawKernel, host side): 2.50 µs" in table
     assert "| 784-16-10 | gpunet trainer | 12.0 | 14.0 | 0.0100 | 0.0300 | 3.00 |" in table
     assert "4000 GB/s" in table and "unavailable: CuPy 13.6.0" in table
     assert "fused CE at (128, 10): 1.0 kernels" in table
+    assert "| 100352×32 | 528 | 5.0 | 1.2 | RuntimeError: x | RuntimeError: x |" in table

@@ -363,6 +363,13 @@ def test_a_batch_is_one_group_and_one_launch():
                                         K.HOPPER, np)
     assert len(launches) == 1 and launches[0][1][4] == 0  # no partial sums
     assert K.relu_backward_groups(100352, 32, K.HOPPER) == 132 * 4  # the small CNN's first layer
+    tall = np.ones((5000, 32), np.float32)
+    forced = K.relu_backward_launches(tall, tall, np.empty_like(tall), np.empty(32, np.float32),
+                                      K.HOPPER, np, groups=1)  # the benchmark's comparison
+    assert len(forced) == 1 and forced[0][0].grid == 1
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match=f"groups must be an int >= 1 or None, got {bad!r}"):
+            K.relu_backward_launches(tall, tall, tall, None, K.HOPPER, np, groups=bad)
 
 
 # --- accuracy ------------------------------------------------------------------------------------------

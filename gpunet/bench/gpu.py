@@ -1,6 +1,7 @@
 """What only a GPU run measures: the launch-overhead floor (kernels per step times the empty
-launch time) and the kernel table of the fused cross-entropy beside torch's and the
-device-to-device copy bandwidth."""
+launch time), the kernel table of the fused cross-entropy beside torch's and the
+device-to-device copy bandwidth, and the ReLU backward of a convolution's tall gradient in
+groups of rows beside the one-group launch it replaced."""
 
 from __future__ import annotations
 
@@ -107,6 +108,35 @@ def cross_entropy_kernels(device: Device, say, shapes=CE_SHAPES,
                 cp.get_default_memory_pool().free_all_blocks()
         if torch is not None:
             out["launches_128x10"] = _guard(lambda: _ce_launches(cp))
+    return out
+
+
+# The small CNN's two ReLU gradients at batch 128 (pixels x channels), and an MLP batch.
+RELU_SHAPES = ((128 * 784, 32), (128 * 196, 64), (128, 512))
+
+
+def relu_backward_kernels(device: Device, say, shapes=RELU_SHAPES) -> dict:
+    """dz = dy * (y > 0) with the bias gradient, float32: the planned groups of rows beside
+    one group (a block per 32 columns, the plan before tall gradients were cut into groups)."""
+    from ..kernels import cuda as cuda_kernels  # imports cupy: this runs on a GPU only
+    cp = device.xp
+    out = {"rows": []}
+    with device.scope():
+        facts = cuda_kernels.device_facts(device.index)
+        for n, c in shapes:
+            y = cp.maximum(cp.random.standard_normal((n, c), dtype=cp.float32), 0)
+            dy = cp.random.standard_normal((n, c), dtype=cp.float32)
+            dz, db = cp.empty_like(y), cp.empty(c, cp.float32)
+            nbytes = 3 * n * c * 4 + c * 4  # y and dy read, dz written, the bias gradient
+            row = {"shape": [n, c], "bytes": nbytes,
+                   "groups": cuda_kernels.relu_backward_groups(n, c, facts)}
+            for label, groups in (("planned", None), ("one group", 1)):
+                row[label] = _guard(lambda: _kernel_result(_event_times(
+                    lambda: cuda_kernels.relu_backward(dy, y, out=dz, bias_grad=db, groups=groups),
+                    cp.cuda.Event, lambda a, b: cp.cuda.get_elapsed_time(a, b)), nbytes))
+            out["rows"].append(row)
+            say(f"relu backward ({n}, {c}) in {row['groups']} groups: "
+                f"{_fmt_kernel(row['planned'])}; one group {_fmt_kernel(row['one group'])}")
     return out
 
 
@@ -220,6 +250,8 @@ def gpu_extras(device: Device, models: dict, say, tiny: bool = False) -> dict:
     if tiny:  # a smoke test of the code path, not a measurement
         out["cross_entropy"] = _guard(lambda: cross_entropy_kernels(device, say, CE_SHAPES[:1],
                                                                     copy_bytes=1 << 24))
+        out["relu_backward"] = _guard(lambda: relu_backward_kernels(device, say, ((4096, 32),)))
     else:
         out["cross_entropy"] = _guard(lambda: cross_entropy_kernels(device, say))
+        out["relu_backward"] = _guard(lambda: relu_backward_kernels(device, say))
     return out

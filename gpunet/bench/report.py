@@ -159,6 +159,19 @@ def _format_gpu(gpu: dict) -> list:
                      "for both; torch also writes its log-softmax.")
     elif ce:
         lines.append(f"\ncross-entropy benchmark: {ce.get('error')}")
+    relu = gpu.get("relu_backward", {})
+    if "rows" in relu:
+        lines += ["", "### ReLU backward with the bias gradient, float32 (GPU)", "",
+                  "| shape | groups of rows | µs | GB/s | one group µs | one group GB/s |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for r in relu["rows"]:
+            g, one = r.get("planned", {}), r.get("one group", {})
+            lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['groups']} | "
+                         f"{_cell(g, 'seconds', 1e6)} | {_cell(g, 'gb_per_s')} | "
+                         f"{_cell(one, 'seconds', 1e6)} | {_cell(one, 'gb_per_s')} |")
+        lines.append("GB/s counts y and dy read and dz written once.")
+    elif relu:
+        lines.append(f"\nReLU backward benchmark: {relu.get('error')}")
     return lines
 
 

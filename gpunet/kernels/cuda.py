@@ -767,10 +767,11 @@ def relu_backward_groups(n: int, c: int, facts: DeviceFacts) -> int:
     return max(1, min(-(-4 * facts.multiprocessors // tiles), n // _GROUP_MIN_ROWS))
 
 
-def relu_backward_launch(n: int, c: int, dtype, facts: DeviceFacts) -> Launch:
+def relu_backward_launch(n: int, c: int, dtype, facts: DeviceFacts, groups: int | None = None
+                         ) -> Launch:
     """A block of 8 warps per 32 columns and group of rows (the kernel's partial[8][33]
     assumes 256 threads)."""
-    items = -(-c // 32) * relu_backward_groups(n, c, facts)
+    items = -(-c // 32) * (relu_backward_groups(n, c, facts) if groups is None else groups)
     return Launch(f"relu_backward<{_kind(dtype)}>", max(1, min(items, 8 * facts.multiprocessors)),
                   256)
 
@@ -780,9 +781,10 @@ def column_sums_launch(c: int, dtype, facts: DeviceFacts) -> Launch:
                   256)
 
 
-def relu_backward(dy, y, out=None, bias_grad=None):
+def relu_backward(dy, y, out=None, bias_grad=None, groups: int | None = None):
     """out = dy * (y > 0) and, if given, bias_grad = out.sum(axis=0): one launch for a batch,
-    two for a tall dz (see RELU_BACKWARD_SOURCE).
+    two for a tall dz (see RELU_BACKWARD_SOURCE). ``groups`` overrides relu_backward_groups's
+    choice (the benchmark compares the two).
 
     ``out`` (allocated when None) must be C-contiguous like the kernel writes it, of y's shape
     and dtype; ``bias_grad`` of shape (C,) and y's dtype."""
@@ -796,20 +798,24 @@ def relu_backward(dy, y, out=None, bias_grad=None):
     if bias_grad is not None:
         _require(bias_grad, "bias_grad", y.shape[1:], y.dtype)
     for launch, arguments in relu_backward_launches(dy, y, out, bias_grad,
-                                                    device_facts(y.device.id), cupy):
+                                                    device_facts(y.device.id), cupy, groups):
         _launch(RELU_BACKWARD_SOURCE, launch, arguments)
     return out
 
 
-def relu_backward_launches(dy, y, out, bias_grad, facts: DeviceFacts, xp) -> list:
+def relu_backward_launches(dy, y, out, bias_grad, facts: DeviceFacts, xp,
+                           groups: int | None = None) -> list:
     """[(Launch, arguments)]: what relu_backward launches, in order; ``xp`` allocates the
     groups' partial sums (cupy on a GPU, numpy for the CPU harness in tests/simt)."""
     n, c = y.shape
-    groups = relu_backward_groups(n, c, facts)
+    if groups is None:
+        groups = relu_backward_groups(n, c, facts)
+    elif isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        raise ValueError(f"groups must be an int >= 1 or None, got {groups!r}")
     partials = None
     if bias_grad is not None and groups > 1:
         partials = xp.empty((groups, c), dtype=_acc_dtype(y.dtype))
-    launches = [(relu_backward_launch(n, c, y.dtype, facts),
+    launches = [(relu_backward_launch(n, c, y.dtype, facts, groups),
                  relu_backward_arguments(dy, y, out, bias_grad, partials, groups))]
     if partials is not None:
         launches.append((column_sums_launch(c, y.dtype, facts),
