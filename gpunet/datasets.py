@@ -176,6 +176,7 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
             f"{title} not found in {where}: missing {', '.join(missing)} (looked for each as .gz or "
             f"raw IDX, e.g. {missing[0]}.gz or {_dotted(missing[0])}); {_hint(name)}, or allow "
             "downloading.")
+    created = [d for d in (folder, *folder.parents) if not d.exists()] if missing else []
     if missing:
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -184,11 +185,16 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
                                f"{_hint(name)}.") from exc
 
     arrays = {}
-    for file, path in found.items():
-        if path is None:
-            arrays[file], found[file] = _download(name, file, folder, progress), folder / f"{file}.gz"
-        else:
-            arrays[file] = _load_file(path, file, name, verify)
+    try:
+        for file, path in found.items():
+            if path is None:
+                arrays[file] = _download(name, file, folder, progress)
+                found[file] = folder / f"{file}.gz"
+            else:
+                arrays[file] = _load_file(path, file, name, verify)
+    except BaseException:
+        _remove_if_empty(created)  # a failed download leaves no empty folder of its own behind
+        raise
     for split in ("train", "t10k"):
         images, labels = f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"
         if len(arrays[images]) != len(arrays[labels]):
@@ -196,6 +202,15 @@ def load_dataset(name: str, root: str | os.PathLike | None = None, *, download: 
                 f"{found[images]}: {len(arrays[images])} images do not match the {len(arrays[labels])} "
                 f"labels in {found[labels]}; each image needs exactly one label.")
     return tuple(arrays.values())
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (innermost first) that are empty; stop at the first that is not."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def load_mnist(root: str | os.PathLike | None = None, *, download: bool = True,

@@ -745,6 +745,36 @@ def test_a_collection_downloads_into_the_datasets_subfolder(tmp_path, monkeypatc
     assert sorted(p.name for p in collection.iterdir()) == ["kmnist", "mnist"]
 
 
+def test_a_failed_download_leaves_no_folder_it_created(tmp_path, monkeypatch, tiny_tables):
+    """A collection asked for a dataset it lacks makes the dataset's subfolder to download into
+    (and the default data/ folder is made on demand): a download that fails removes them again,
+    and keeps a folder that was there before or that holds a verified file."""
+    collection = tmp_path / "data"
+    write_mnist(collection / "mnist", tiny_mnist())
+    monkeypatch.setattr(datasets, "KMNIST_MIRRORS", ("https://down.example/",))
+    monkeypatch.setattr(datasets, "_urlopen", FakeMirrors(
+        {"https://down.example/": urllib.error.URLError(TimeoutError("timed out"))}))
+    with pytest.raises(DatasetError, match="could not download"):
+        datasets.load_dataset("kmnist", collection)
+    assert sorted(p.name for p in collection.iterdir()) == ["mnist"]
+    monkeypatch.delenv("GPUNET_DATA", raising=False)
+    monkeypatch.setattr(datasets, "DEFAULT_ROOT", tmp_path / "default" / "data")
+    with pytest.raises(DatasetError, match="could not download"):
+        datasets.load_dataset("kmnist")
+    assert list(tmp_path.iterdir()) == [collection]
+    (collection / "kmnist").mkdir()  # there before: kept
+    with pytest.raises(DatasetError, match="could not download"):
+        datasets.load_dataset("kmnist", collection)
+    assert (collection / "kmnist").is_dir()
+    good = {"https://down.example/": lambda name: published_gz(tiny_kmnist()[name])
+            if name.startswith("train-images") else b"<html>503</html>"}
+    monkeypatch.setattr(datasets, "_urlopen", FakeMirrors(good))
+    (collection / "kmnist").rmdir()
+    with pytest.raises(DatasetError, match="could not download"):
+        datasets.load_dataset("kmnist", collection)
+    assert [p.name for p in (collection / "kmnist").iterdir()] == ["train-images-idx3-ubyte.gz"]
+
+
 def test_the_default_folders(tmp_path, monkeypatch):
     """MNIST keeps data/ (its home before there were others) unless data/mnist/ exists; every
     other dataset lives in data/<name>/."""
