@@ -31,18 +31,19 @@ import numpy as np
 
 from . import blas
 
-try:
-    from . import _cpu_kernels as _lib
-    DESCRIPTION = "compiled (gpunet.kernels._cpu_kernels)"
-except ImportError as error:
-    _lib = None
-    if importlib.util.find_spec(f"{__package__}._cpu_kernels") is None:
-        DESCRIPTION = ("numpy fallback (gpunet.kernels._cpu_kernels is not built: pip install found no C "
-                       "compiler, or this source tree was not installed)")
-    else:
-        DESCRIPTION = f"numpy fallback (gpunet.kernels._cpu_kernels did not load: {error})"
-if _lib is not None and os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
-    _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"
+if os.environ.get("GPUNET_CPU_KERNELS", "").lower() in ("0", "off", "numpy"):
+    _lib, DESCRIPTION = None, "numpy fallback (GPUNET_CPU_KERNELS=0)"  # switched off: not loaded
+else:
+    try:
+        from . import _cpu_kernels as _lib
+        DESCRIPTION = "compiled (gpunet.kernels._cpu_kernels)"
+    except ImportError as error:
+        _lib = None
+        if importlib.util.find_spec(f"{__package__}._cpu_kernels") is None:
+            DESCRIPTION = ("numpy fallback (gpunet.kernels._cpu_kernels is not built: pip install "
+                           "found no C compiler, or this source tree was not installed)")
+        else:
+            DESCRIPTION = f"numpy fallback (gpunet.kernels._cpu_kernels did not load: {error})"
 if _lib is not None:
     _lib.set_gemm(blas.gemm_address(np.float32), blas.gemm_address(np.float64))
     _lib.set_blas_threads(*(blas.thread_addresses() or (None, None)))
