@@ -329,7 +329,8 @@ def check_outputs(outputs: dict, inputs: dict | None = None, updatable: tuple = 
             continue
         if str(path) == "":
             raise ValueError(f"{flag} is an empty path; give a file path")
-        check_writable(path, flag)
+        # Which file it is comes first: the writability check below leaves a probe file in the
+        # folder for a moment, which a data folder should not see for an output refused anyway.
         key = _identity(path)
         if key in seen:
             raise ValueError(f"{seen[key]} and {flag} both name {path}; give each output its own file")
@@ -338,6 +339,7 @@ def check_outputs(outputs: dict, inputs: dict | None = None, updatable: tuple = 
             if source is not None and (flag, what) not in updatable and _identity(source) == key:
                 raise ValueError(f"{flag} {path} is {what} of this run; writing it would destroy "
                                  "it, give another path")
+        check_writable(path, flag)
 
 
 def same_file(a, b) -> bool:

@@ -255,7 +255,7 @@ def main(argv=None) -> int:
     try:
         device = get_device(args.device)
     except (DeviceError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
     try:
         return _report(device, np.dtype(args.dtype), args.seed)

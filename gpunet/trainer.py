@@ -1018,7 +1018,9 @@ class _progress:
         if self.bar.disable:
             return None
         self.bar.ready_for_postfix = self._ready
-        self._last = 0.0
+        # The first loss shown is half a second's running mean, not the first step's alone,
+        # which a short epoch would otherwise show until its end.
+        self._last = time.perf_counter()
         return self.bar
 
     def _ready(self) -> bool:

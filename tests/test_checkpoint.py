@@ -422,6 +422,20 @@ def test_the_next_write_removes_what_a_killed_one_left(tmp_path):
 
 # --- output paths -------------------------------------------------------------------------------
 
+def test_an_output_naming_an_input_is_refused_before_its_folder_is_probed(tmp_path, monkeypatch):
+    """The writability probe leaves a file in the folder for a moment: an output that names the
+    data file is refused before it, so that the data folder sees nothing."""
+    data = tmp_path / "train-images-idx3-ubyte.gz"
+    data.write_bytes(b"data")
+
+    def probe(path, what):
+        raise AssertionError(f"{what} was probed")
+
+    monkeypatch.setattr(checkpoint, "check_writable", probe)
+    with pytest.raises(ValueError, match="is the data file of this run"):
+        checkpoint.check_outputs({"--save": data}, {"the data file": data})
+
+
 def test_check_outputs(tmp_path):
     data = tmp_path / "train-images-idx3-ubyte.gz"
     data.write_bytes(b"data")

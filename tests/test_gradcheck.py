@@ -53,7 +53,7 @@ def test_cli_warns_for_float32_and_rejects_bad_device():
     assert "warning: checking in float32" in out.stderr
     bad = subprocess.run([sys.executable, "-m", "gpunet.gradcheck", "--device", "tpu"],
                          capture_output=True, text=True)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: device must be")
+    assert bad.returncode == 2 and bad.stderr.startswith("python -m gpunet.gradcheck: error: device must be")
 
 
 def test_standard_cases_write_no_device_array_into_a_host_module(monkeypatch):

@@ -28,23 +28,18 @@ def format_report(result: dict) -> str:
                      "–" if acc is None else f"{acc:.2%}"]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### Ratios (median / median)", "",
-              "| ratio | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    for key, a, b in RATIOS:
-        cells = [models[label]["ratios"].get(key) for label in models]
-        if any(c is not None for c in cells):
-            lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | "
-                         + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
-    lines += ["", "### Ratios within each round (median over rounds, and min–max)", "",
-              "| ratio | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
-    for key, a, b in RATIOS:
-        cells = [models[label].get("ratios_within_rounds", {}).get(key) for label in models]
-        if any(c is not None for c in cells):
-            lines.append(f"| {CONTENDERS[a]} / {CONTENDERS[b]} | " + " | ".join(
-                "–" if c is None else f"{c['median']:.2f} ({c['min']:.2f}–{c['max']:.2f})"
-                for c in cells) + " |")
+    ratios = [(f"{CONTENDERS[a]} / {CONTENDERS[b]}", [models[label]["ratios"].get(key)
+                                                        for label in models])
+              for key, a, b in RATIOS]
+    lines += _ratio_table("Ratios (median / median)", models, ratios,
+                          lambda c: f"{c:.2f}")
+    within = [(f"{CONTENDERS[a]} / {CONTENDERS[b]}",
+               [models[label].get("ratios_within_rounds", {}).get(key) for label in models])
+              for key, a, b in RATIOS]
+    lines += _ratio_table("Ratios within each round (median over rounds, and min–max)", models,
+                          within, lambda c: f"{c['median']:.2f} ({c['min']:.2f}–{c['max']:.2f})")
     rows = next(iter(models.values()))["accuracy_rows"]
-    lines += ["", f"train acc: accuracy on the first {rows} training images after the epochs "
+    lines += [f"train acc: accuracy on the first {rows} training images after the epochs "
               "each contender ran, a check that all of them train (the GEMM floors train "
               "nothing)."]
 
@@ -72,6 +67,18 @@ def format_report(result: dict) -> str:
     if gpu:
         lines += _format_gpu(gpu)
     return "\n".join(lines)
+
+
+def _ratio_table(title: str, models: dict, rows: list, fmt) -> list:
+    """A ratio table with a row for each ratio that some model has, or nothing at all (a run of
+    one contender has no ratios)."""
+    rows = [(name, cells) for name, cells in rows if any(c is not None for c in cells)]
+    if not rows:
+        return []
+    return (["### " + title, "", "| ratio | " + " | ".join(models) + " |",
+             "|---|" + "---:|" * len(models)]
+            + [f"| {name} | " + " | ".join("–" if c is None else fmt(c) for c in cells) + " |"
+               for name, cells in rows] + [""])
 
 
 def _format_cnn(cnn) -> list:
