@@ -446,7 +446,7 @@ def test_a_run_here_without_a_gpu_fails_with_a_readable_report(tmp_path):
         set(gc.STEP_NAMES) - {"machine", "memcheck", "gradcheck"}
     text = (tmp_path / "report.txt").read_text()
     assert f"FAIL  GPU usable (backend.cuda_problem): not usable: {backend.cuda_problem()}" in text
-    assert "FAIL  gradcheck --device cuda: exit 2: error: device 'cuda' cannot be used" in text
+    assert "FAIL  gradcheck --device cuda: exit 2: python -m gpunet.gradcheck: error: device 'cuda' cannot be used" in text
     assert (tmp_path / "gpu-check.log").exists()
     assert done.stdout.splitlines()[0] == "gpu-check: machine, memcheck, gradcheck in 60 s"
     assert "to rerun machine, memcheck, gradcheck" in done.stdout
