@@ -679,6 +679,8 @@ class Trainer:
         """Under --distributed, point each Dropout at this rank's first row of a global batch of
         ``global_rows`` (None: back to 0, outside training). A captured CUDA graph keeps the
         offset it was captured with, which is that of every full global batch."""
+        if not self._sharded_dropouts:  # the common case: nothing to do in the step
+            return
         first = 0 if global_rows is None else distributed.shard(global_rows, self.comm)[0]
         for layer in self._sharded_dropouts:
             layer.row_offset = first

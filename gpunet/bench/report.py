@@ -155,8 +155,7 @@ def _format_gpu(gpu: dict) -> list:
         for r in ce["rows"]:
             g, t = r.get("gpunet", {}), r.get("torch", {})
             lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['dtype']} | "
-                         f"{_cell(g, 'seconds', 1e6)} | {_cell(g, 'gb_per_s')} | "
-                         f"{_cell(t, 'seconds', 1e6)} | {_cell(t, 'gb_per_s')} |")
+                         f"{_kernel_cells(g)} | {_kernel_cells(t)} |")
         launches = ce.get("launches_128x10", {})
         if "per_call" in launches:
             p = launches["per_call"]
@@ -174,12 +173,16 @@ def _format_gpu(gpu: dict) -> list:
         for r in relu["rows"]:
             g, one = r.get("planned", {}), r.get("one group", {})
             lines.append(f"| {r['shape'][0]}×{r['shape'][1]} | {r['groups']} | "
-                         f"{_cell(g, 'seconds', 1e6)} | {_cell(g, 'gb_per_s')} | "
-                         f"{_cell(one, 'seconds', 1e6)} | {_cell(one, 'gb_per_s')} |")
+                         f"{_kernel_cells(g)} | {_kernel_cells(one)} |")
         lines.append("GB/s counts y and dy read and dz written once.")
     elif relu:
         lines.append(f"\nReLU backward benchmark: {relu.get('error')}")
     return lines
+
+
+def _kernel_cells(d) -> str:
+    """A kernel's time (µs) and bandwidth (GB/s) cells, or its error in both."""
+    return f"{_cell(d, 'seconds', 1e6)} | {_cell(d, 'gb_per_s')}"
 
 
 def _cell(d, key, scale=1.0):

@@ -6,7 +6,7 @@ Every kernel here is the twin of a NumPy formula elsewhere in gpunet, which stay
     cross_entropy_loss_and_grad functional._CrossEntropyPlan.loss_and_grad (numpy branch)
     bias_relu_, relu_backward   functional.bias_relu_, functional.relu_backward
     count_correct               functional.count_correct
-    dropout                     dropout.Dropout.mask (numpy branch: dropout.counter_words)
+    dropout                     dropout.counter_mask (and counter_words)
     optimizer_update            optim.SGD._update, optim.Adam._update
 
 Kernels are built by small memoized factories on first use, never at import, so each compiles
@@ -693,6 +693,19 @@ def bias_relu_(y, b):
 # then writes its group's sums into `partials` (in the accumulation type), and column_sums adds
 # the groups up, again in a fixed order: db is deterministic either way.
 RELU_BACKWARD_SOURCE = _PRELUDE + r"""
+// The sum over a block's 8 warps of each lane's total (a column's), added in warp order; valid
+// in warp 0. Every thread of the block calls it.
+template <typename S> __device__ __forceinline__ S warps_column_sum(S (&partial)[8][33], S total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    partial[warp][lane] = total;
+    __syncthreads();
+    S sum = 0;
+    if (warp == 0)
+        for (int w = 0; w < 8; ++w) sum += partial[w][lane];
+    __syncthreads();
+    return sum;
+}
+
 template <int KIND> __global__ void relu_backward(
         const typename Types<KIND>::raw* dy, const typename Types<KIND>::raw* y,
         typename Types<KIND>::raw* dz, typename Types<KIND>::raw* db,
@@ -714,17 +727,13 @@ template <int KIND> __global__ void relu_backward(
                 total += g;
             }
         }
-        partial[warp][lane] = total;
-        __syncthreads();
-        if (warp == 0 && j < c && (db || partials)) {
-            S sum = 0;
-            for (int w = 0; w < 8; ++w) sum += partial[w][lane];
+        const S sum = warps_column_sum(partial, total);
+        if (warp == 0 && j < c) {
             if (partials)
                 partials[group * c + j] = sum;
-            else
+            else if (db)
                 store<KIND>(db, j, sum);
         }
-        __syncthreads();
     }
 }
 
@@ -740,14 +749,9 @@ template <int KIND> __global__ void column_sums(
         S total = 0;
         if (j < c)
             for (long long g = warp; g < groups; g += 8) total += partials[g * c + j];
-        partial[warp][lane] = total;
-        __syncthreads();
-        if (warp == 0 && j < c) {
-            S sum = 0;
-            for (int w = 0; w < 8; ++w) sum += partial[w][lane];
+        const S sum = warps_column_sum(partial, total);
+        if (warp == 0 && j < c)
             store<KIND>(db, j, sum);
-        }
-        __syncthreads();
     }
 }
 """
